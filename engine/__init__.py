@@ -1,0 +1,1 @@
+"""convlens.engine: run an analysis ONNX over images with onnxruntime (no TensorFlow)."""

@@ -1,0 +1,1 @@
+"""convlens.reports: static HTML reports over an engine run directory."""
