@@ -1,0 +1,164 @@
+"""Build the analysis tf.function from a plan and convert it to ONNX with tf2onnx."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from convlens.engine import contract as C
+
+from .backward import backward
+from .errors import ExportError
+from .plan import Plan, scores_from_trace
+from .trace import Recorder, Trace
+
+OPSET = 17
+
+
+def resolve_targets(tf: Any, scores: Any, targets: Any) -> Any:
+    """Targets (N, T): >= 0 class index, -r the r-th best class.  Returns int64 (N, T)."""
+    n_cls = scores.shape[-1]
+    order = tf.argsort(scores, axis=1, direction="DESCENDING")  # (N, C)
+    rank = tf.clip_by_value(-targets - 1, 0, n_cls - 1)
+    ranked = tf.reduce_sum(
+        tf.one_hot(rank, n_cls, dtype=tf.float32) * tf.cast(order[:, None, :], tf.float32),
+        axis=-1,
+    )
+    ranked = tf.cast(tf.round(ranked), tf.int64)
+    direct = tf.clip_by_value(targets, 0, n_cls - 1)
+    return tf.where(targets < 0, ranked, direct)
+
+
+def head_gradients(tf: Any, plan: Plan, trace: Trace, scores: Any, resolved: Any) -> Any:
+    """d scores[n, resolved[n, t]] / d A, shape (N, T, h, w, k), by the registered rules."""
+    by_name = {c.name: c for c in trace.calls}
+    n_cls = plan.num_classes
+    seed = tf.one_hot(resolved, n_cls, dtype=scores.dtype)  # (N, T, C) on scores
+    g = seed[..., 1:2] - seed[..., 0:1] if plan.binary_sigmoid else seed  # on z
+    if plan.final_mode == "dense":
+        kernel = by_name[plan.final].weights[0]
+        g = tf.einsum("ntu,du->ntd", g, tf.constant(kernel))
+    head = [by_name[n] for n in plan.head_calls]
+    return backward(tf, head, g)
+
+
+def output_names(plan: Plan, with_gradients: bool) -> list[str]:
+    names = [C.OUT_PREDICTIONS, C.OUT_SCORES]
+    names += [C.ACT_PREFIX + e.conv for e in plan.exposed]
+    if with_gradients:
+        names += [C.OUT_GRADIENTS, C.OUT_TARGET_INDICES]
+    return names
+
+
+def make_function(
+    tf: Any, model: Any, recorder: Recorder, plan: Plan, input_shape: tuple[int, int, int],
+    with_gradients: bool, plain: bool = False,
+) -> tuple[Any, list[Any]]:
+    """The analysis tf.function and its input signature.
+
+    ``plain=True`` gives the model's predictions only (the baseline export).
+    """
+    image_spec = tf.TensorSpec([None, *input_shape], tf.float32, name=C.IN_IMAGE)
+    target_spec = tf.TensorSpec([None, None], tf.int64, name=C.IN_TARGETS)
+
+    def outputs(image: Any, targets: Any | None) -> list[Any]:
+        with recorder.recording() as trace:
+            y = model(image, training=False)
+        if plain:
+            return [y]
+        by_name = {c.name: c for c in trace.calls}
+        _, scores, preds = scores_from_trace(tf, plan, trace)
+        outs = [preds, scores]
+        outs += [by_name[e.exposed].output for e in plan.exposed]
+        if targets is not None:
+            resolved = resolve_targets(tf, scores, targets)
+            outs += [head_gradients(tf, plan, trace, scores, resolved), resolved]
+        return outs
+
+    if with_gradients and not plain:
+        sig = [image_spec, target_spec]
+
+        @tf.function(input_signature=sig)
+        def fn2(image: Any, targets: Any) -> list[Any]:
+            return outputs(image, targets)
+
+        return fn2, sig
+
+    sig = [image_spec]
+
+    @tf.function(input_signature=sig)
+    def fn1(image: Any) -> list[Any]:
+        return outputs(image, None)
+
+    return fn1, sig
+
+
+def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
+    """tf2onnx conversion, graph outputs renamed to ``names`` (in order)."""
+    try:
+        import tf2onnx
+    except ImportError as exc:
+        raise ExportError("exporting needs tf2onnx: pip install 'convlens[export]'") from exc
+    try:
+        model_proto, _ = tf2onnx.convert.from_function(fn, input_signature=sig, opset=OPSET)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()
+        raise ExportError(
+            f"tf2onnx could not convert the model: {msg[0] if msg else type(exc).__name__}"
+        ) from exc
+    graph = model_proto.graph
+    if len(graph.output) != len(names):
+        raise ExportError(
+            f"internal: converted graph has {len(graph.output)} outputs, expected {len(names)}"
+        )
+    rename = {o.name: new for o, new in zip(graph.output, names, strict=True)}
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            if name in rename:
+                node.output[i] = rename[name]
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for o in graph.output:
+        o.name = rename[o.name]
+    return model_proto
+
+
+def add_constant_output(model_proto: Any, name: str, value: np.ndarray) -> None:
+    """Expose a constant (e.g. the dense weights) as a graph output via Identity."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model_proto.graph
+    init_name = name + "__const"
+    graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), init_name))
+    graph.node.append(helper.make_node("Identity", [init_name], [name], name=name + "__out"))
+    graph.output.append(
+        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(value.shape))
+    )
+
+
+def tape_gradients(
+    tf: Any, model: Any, recorder: Recorder, plan: Plan, images: np.ndarray,
+    classes: np.ndarray,
+) -> np.ndarray:
+    """Reference d scores[class] / d A by tf.GradientTape through the real Keras layers."""
+    result = []
+    x = tf.constant(images, dtype=tf.float32)
+    for t in range(classes.shape[1]):
+        with tf.GradientTape() as tape:
+            held: dict[str, Any] = {}
+
+            def hook(out: Any) -> Any:
+                tape.watch(out)
+                held["a"] = out
+                return out
+
+            with recorder.recording(hooks={plan.cam_exposed: hook}) as trace:
+                model(x, training=False)
+            _, scores, _ = scores_from_trace(tf, plan, trace)
+            sel = tf.reduce_sum(scores * tf.one_hot(classes[:, t], scores.shape[-1]), axis=1)
+        grad = tape.gradient(sel, held["a"])
+        result.append(np.asarray(grad))
+    return np.stack(result, axis=1)

@@ -1,0 +1,433 @@
+"""``export_model``: a trained Keras model becomes one analysis ONNX file.
+
+Steps: load the model; trace it once to plan the export (exposed conv layers, CAM
+layer, head kind); build one tf.function returning predictions, class scores, conv
+activations and head gradients; convert it with tf2onnx; add the CAM weights as
+constant outputs; write everything the engine needs into the metadata; check parity
+(Keras and TensorFlow against onnxruntime) and fail loudly past the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convlens import __version__
+from convlens.engine import contract as C
+
+from .build import (
+    add_constant_output,
+    convert,
+    make_function,
+    output_names,
+    tape_gradients,
+)
+from .errors import ExportError
+from .loading import load_keras_model
+from .plan import Plan, make_plan
+from .tfenv import import_tf
+from .trace import Recorder
+
+DEFAULT_TOLERANCE = 1e-3  # on max |onnx - reference| / max(1, max |reference|)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    parity_path: Path
+    spec: C.ModelSpec
+    seconds: float
+    size_bytes: int
+
+
+def export_model(
+    model_path: str | Path,
+    out_path: str | Path,
+    *,
+    layers: list[str] | None = None,
+    cam_layer: str | None = None,
+    labels: str | Path | list[str] | None = None,
+    preprocess: str | None = None,
+    calibration: str | Path | None = None,
+    n_calibration: int = 8,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+) -> ExportResult:
+    """Export ``model_path`` (.keras, .h5, SavedModel dir) to ``out_path`` (.onnx)."""
+    t0 = time.perf_counter()
+    tf, keras = import_tf()
+    model = load_keras_model(model_path)
+    return export_loaded(
+        model,
+        out_path,
+        source_path=str(model_path),
+        layers=layers,
+        cam_layer=cam_layer,
+        labels=labels,
+        preprocess=preprocess,
+        calibration=calibration,
+        n_calibration=n_calibration,
+        tolerance=tolerance,
+        seed=seed,
+        t0=t0,
+    )
+
+
+def export_loaded(
+    model: Any,
+    out_path: str | Path,
+    *,
+    source_path: str = "<in memory>",
+    layers: list[str] | None = None,
+    cam_layer: str | None = None,
+    labels: str | Path | list[str] | None = None,
+    preprocess: str | None = None,
+    calibration: str | Path | None = None,
+    n_calibration: int = 8,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+    t0: float | None = None,
+) -> ExportResult:
+    """Export an already loaded Keras model (see :func:`export_model`)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    tf, keras = import_tf()
+    out = Path(out_path)
+    inp = _input_spec(model)
+    recorder = Recorder(model)
+    try:
+        with recorder.recording() as trace:
+            model(np.zeros((1, inp.height, inp.width, inp.channels), np.float32), training=False)
+        plan = make_plan(trace, layers, cam_layer)
+        pre = _preprocess(preprocess, trace)
+        class_names = _class_names(labels, model, plan.num_classes)
+        with_grads = plan.gradients_available
+        fn, sig = make_function(
+            tf, model, recorder, plan, (inp.height, inp.width, inp.channels), with_grads
+        )
+        names = output_names(plan, with_grads)
+        proto = convert(tf, fn, sig, names)
+        if plan.cam_weights is not None and plan.cam_bias is not None:
+            add_constant_output(proto, C.OUT_CAM_WEIGHTS, plan.cam_weights)
+            add_constant_output(proto, C.OUT_CAM_BIAS, plan.cam_bias)
+        spec = _spec(plan, inp, pre, class_names, proto, source_path, keras, tf)
+        images, source = _parity_inputs(calibration, inp, pre, n_calibration, seed)
+        parity = check_parity(tf, model, recorder, plan, fn, proto, images, with_grads)
+    finally:
+        recorder.restore()
+    parity.update(source=source, tolerance=tolerance)
+    worst = max(v["score"] for v in parity["outputs"].values())
+    parity["worst"] = worst
+    parity["passed"] = bool(worst <= tolerance)
+    spec.parity = parity
+    parity_path = out.with_name(out.name + ".parity.json") if out.suffix != ".onnx" else out.with_suffix(".parity.json")
+    _atomic_write(parity_path, json.dumps(parity, indent=2, sort_keys=True).encode())
+    if not parity["passed"]:
+        bad = max(parity["outputs"].items(), key=lambda kv: kv[1]["score"])
+        raise ExportError(
+            f"parity check failed: output {bad[0]} differs from Keras by {bad[1]['max_abs']:.3g} "
+            f"(relative {bad[1]['score']:.3g} > tolerance {tolerance:g}); details in {parity_path}"
+        )
+    _set_metadata(proto, spec)
+    _atomic_write(out, proto.SerializeToString())
+    return ExportResult(
+        path=out,
+        parity_path=parity_path,
+        spec=spec,
+        seconds=time.perf_counter() - t0,
+        size_bytes=out.stat().st_size,
+    )
+
+
+def export_plain(model_path: str | Path, out_path: str | Path) -> Path:
+    """The baseline: plain tf2onnx export of the model's predictions only."""
+    tf, keras = import_tf()
+    model = load_keras_model(model_path)
+    inp = _input_spec(model)
+    recorder = Recorder(model)
+    try:
+        with recorder.recording() as trace:
+            model(np.zeros((1, inp.height, inp.width, inp.channels), np.float32), training=False)
+        plan = make_plan(trace, None, None)
+        fn, sig = make_function(
+            tf, model, recorder, plan, (inp.height, inp.width, inp.channels), False, plain=True
+        )
+        proto = convert(tf, fn, sig, [C.OUT_PREDICTIONS])
+    finally:
+        recorder.restore()
+    _atomic_write(Path(out_path), proto.SerializeToString())
+    return Path(out_path)
+
+
+# ---------------------------------------------------------------------------------
+
+
+def _input_spec(model: Any) -> C.InputSpec:
+    inputs = model.inputs
+    if not inputs or len(inputs) != 1:
+        raise ExportError(
+            f"the model has {len(inputs or [])} inputs; convlens needs exactly one image input"
+        )
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 4:
+        raise ExportError(
+            f"the model's input has shape {shape}; convlens needs an image input "
+            "(batch, height, width, channels)"
+        )
+    _, h, w, c = shape
+    if h is None or w is None:
+        raise ExportError(
+            f"the model's input size is not fixed {shape}; rebuild it with a fixed "
+            "keras.Input(shape=(H, W, C))"
+        )
+    if c not in (1, 3):
+        raise ExportError(
+            f"the model's input has {c} channels; convlens reads grayscale (1) or RGB (3) "
+            "images in channels-last layout"
+        )
+    return C.InputSpec(
+        name=C.IN_IMAGE,
+        height=int(h),
+        width=int(w),
+        channels=int(c),
+        color_mode="grayscale" if c == 1 else "rgb",
+    )
+
+
+def _preprocess(text: str | None, trace: Any) -> C.Preprocess:
+    if text:
+        try:
+            return C.Preprocess.parse(text)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
+    # A model that rescales inside itself takes raw 0..255 pixels.
+    kinds = [c.kind for c in trace.calls[:3]]
+    if "Rescaling" in kinds or "Normalization" in kinds:
+        return C.Preprocess.parse("none")
+    return C.Preprocess.parse("unit")
+
+
+def _class_names(labels: str | Path | list[str] | None, model: Any, n: int) -> list[str]:
+    names: list[str] | None = None
+    if isinstance(labels, list):
+        names = [str(x) for x in labels]
+    elif labels is not None:
+        p = Path(labels)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ExportError(f"--labels {p}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ExportError(f"--labels {p}: not a UTF-8 text file") from exc
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        attr = getattr(model, "class_names", None)
+        if isinstance(attr, (list, tuple)) and all(isinstance(x, str) for x in attr):
+            names = list(attr)
+    if names is None:
+        return [str(i) for i in range(n)]
+    if len(names) != n:
+        raise ExportError(f"--labels gives {len(names)} class names but the model has {n} classes")
+    return names
+
+
+def _spec(
+    plan: Plan,
+    inp: C.InputSpec,
+    pre: C.Preprocess,
+    class_names: list[str],
+    proto: Any,
+    source_path: str,
+    keras: Any,
+    tf: Any,
+) -> C.ModelSpec:
+    shapes = {}
+    for o in proto.graph.output:
+        dims = o.type.tensor_type.shape.dim
+        shapes[o.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    outputs = [
+        C.OutputSpec(C.OUT_PREDICTIONS, C.ROLE_PREDICTIONS, shapes[C.OUT_PREDICTIONS]),
+        C.OutputSpec(C.OUT_SCORES, C.ROLE_SCORES, shapes[C.OUT_SCORES]),
+    ]
+    for e in plan.exposed:
+        name = C.ACT_PREFIX + e.conv
+        outputs.append(C.OutputSpec(name, C.ROLE_ACTIVATION, shapes[name], layer=e.conv))
+    if plan.gradients_available:
+        outputs.append(
+            C.OutputSpec(C.OUT_GRADIENTS, C.ROLE_GRADIENTS, shapes[C.OUT_GRADIENTS], plan.cam_layer)
+        )
+        outputs.append(
+            C.OutputSpec(C.OUT_TARGET_INDICES, C.ROLE_TARGET_INDICES, shapes[C.OUT_TARGET_INDICES])
+        )
+    if plan.cam_weights is not None:
+        outputs.append(
+            C.OutputSpec(C.OUT_CAM_WEIGHTS, C.ROLE_CAM_WEIGHTS, list(plan.cam_weights.shape), plan.cam_layer)
+        )
+        outputs.append(C.OutputSpec(C.OUT_CAM_BIAS, C.ROLE_CAM_BIAS, [len(class_names)]))
+    head = C.HeadSpec(
+        kind=plan.head_kind,
+        activation=plan.activation,
+        cam_available=plan.cam_weights is not None,
+        gradients_available=plan.gradients_available,
+        layers=plan.head_calls,
+        binary_sigmoid=plan.binary_sigmoid,
+    )
+    source = {
+        "model": os.path.basename(source_path),
+        "convlens": __version__,
+        "keras": getattr(keras, "__version__", "?"),
+        "tensorflow": tf.__version__,
+        "python": platform.python_version(),
+        "exposed_tensors": {e.conv: e.exposed for e in plan.exposed},
+        "gradient_problems": plan.gradient_problems,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return C.ModelSpec(
+        format_version=C.FORMAT_VERSION,
+        class_names=class_names,
+        input=inp,
+        preprocess=pre,
+        outputs=outputs,
+        cam_layer=plan.cam_layer,
+        head=head,
+        source=source,
+    )
+
+
+def _apply_preprocess(rgb: np.ndarray, inp: C.InputSpec, pre: C.Preprocess) -> np.ndarray:
+    """Preprocess uint8 RGB images already at the input size (N, H, W, 3)."""
+    x = rgb.astype(np.float32)
+    if inp.color_mode == "grayscale":
+        x = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    elif pre.channel_order == "BGR":
+        x = x[..., ::-1]
+    x = x * pre.scale + pre.offset
+    if pre.mean is not None:
+        x = x - np.asarray(pre.mean, np.float32)
+    if pre.std is not None:
+        x = x / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _parity_inputs(
+    calibration: str | Path | None, inp: C.InputSpec, pre: C.Preprocess, n: int, seed: int
+) -> tuple[np.ndarray, str]:
+    if calibration is not None:
+        from convlens.engine.images import ImageError, discover, preprocess, read_image
+
+        found = discover([str(calibration)])
+        if not found.files:
+            reason = found.problems[0][1] if found.problems else "no images"
+            raise ExportError(f"--calibration {calibration}: {reason}")
+        batch = []
+        for f in found.files:
+            try:
+                batch.append(preprocess(read_image(f), inp, pre))
+            except ImageError:
+                continue
+            if len(batch) >= n:
+                break
+        if not batch:
+            raise ExportError(f"--calibration {calibration}: no readable image")
+        return np.stack(batch).astype(np.float32), f"calibration:{len(batch)} images"
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, size=(n, inp.height, inp.width, 3), dtype=np.uint8)
+    return _apply_preprocess(noise, inp, pre), f"noise:{n} images, seed {seed}"
+
+
+def _diff(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    ref = np.asarray(ref, np.float64)
+    got = np.asarray(got, np.float64)
+    if ref.shape != got.shape:
+        raise ExportError(f"internal: parity shapes differ {ref.shape} vs {got.shape}")
+    max_abs = float(np.max(np.abs(ref - got))) if ref.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    return {
+        "max_abs": max_abs,
+        "max_rel": max_abs / scale if scale > 0 else 0.0,
+        "score": max_abs / max(1.0, scale),
+        "ref_max_abs": scale,
+    }
+
+
+def check_parity(
+    tf: Any,
+    model: Any,
+    recorder: Recorder,
+    plan: Plan,
+    fn: Any,
+    proto: Any,
+    images: np.ndarray,
+    with_grads: bool,
+) -> dict[str, Any]:
+    """Compare onnxruntime (CPU) with Keras (predictions), TensorFlow (every output) and
+    tf.GradientTape (gradients)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(
+        proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+    n_cls = plan.num_classes
+    targets = np.array([[-1, -2 if n_cls > 1 else -1, 0]] * len(images), np.int64)
+    feeds: dict[str, np.ndarray] = {C.IN_IMAGE: images}
+    if with_grads:
+        feeds[C.IN_TARGETS] = targets
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(names, feeds), strict=True))
+    ref_list = fn(tf.constant(images), tf.constant(targets)) if with_grads else fn(tf.constant(images))
+    ref = dict(zip(output_names(plan, with_grads), [np.asarray(r) for r in ref_list], strict=True))
+    result: dict[str, Any] = {"n_images": int(len(images)), "outputs": {}}
+    for name, value in ref.items():
+        if name == C.OUT_TARGET_INDICES:
+            agree = float(np.mean(value == got[name]))
+            result["outputs"][name] = {"max_abs": 0.0 if agree == 1 else 1.0, "max_rel": 0.0,
+                                       "score": 0.0 if agree == 1 else 1.0, "ref_max_abs": 0.0}
+            continue
+        result["outputs"][name] = _diff(value, got[name])
+    keras_pred = np.asarray(model(tf.constant(images), training=False))
+    if plan.binary_sigmoid:
+        keras_pred = np.concatenate([1.0 - keras_pred, keras_pred], axis=1)
+    result["outputs"]["predictions_vs_keras"] = _diff(keras_pred, got[C.OUT_PREDICTIONS])
+    if with_grads:
+        resolved = got[C.OUT_TARGET_INDICES]
+        tape = tape_gradients(tf, model, recorder, plan, images, resolved)
+        result["outputs"]["gradients_vs_gradienttape"] = _diff(tape, got[C.OUT_GRADIENTS])
+    return result
+
+
+def _set_metadata(proto: Any, spec: C.ModelSpec) -> None:
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key = C.METADATA_KEY
+    entry.value = spec.to_json()
+    entry = proto.metadata_props.add()
+    entry.key = "convlens.format_version"
+    entry.value = str(C.FORMAT_VERSION)
+    proto.producer_name = "convlens"
+    proto.producer_version = __version__
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["ExportResult", "export_model", "export_loaded", "export_plain", "asdict"]
