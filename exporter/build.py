@@ -122,7 +122,22 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
                 node.input[i] = rename[name]
     for o in graph.output:
         o.name = rename[o.name]
+    _name_dynamic_dims(graph)
     return model_proto
+
+
+def _name_dynamic_dims(graph: Any) -> None:
+    """tf2onnx names dynamic dims unk__N; call them batch and targets."""
+    per_target = {C.IN_TARGETS, C.OUT_GRADIENTS, C.OUT_TARGET_INDICES}
+    for vi in list(graph.input) + list(graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value"):
+                continue
+            if i == 0:
+                d.dim_param = "batch"
+            elif i == 1 and vi.name in per_target:
+                d.dim_param = "targets"
 
 
 def add_constant_output(model_proto: Any, name: str, value: np.ndarray) -> None:

@@ -1,0 +1,220 @@
+"""The ``convlens`` command: thin click commands over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from convlens import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_INPUT_FAILED = 1
+EXIT_ERROR = 2
+
+
+def one_line_errors(fn: F) -> F:
+    """Known errors become one line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from convlens.engine.contract import ContractError
+        from convlens.engine.run import RunError
+
+        known: tuple[type[BaseException], ...] = (ContractError, RunError, OSError, ValueError)
+        try:
+            from convlens.exporter.errors import ExportError
+
+            known = (*known, ExportError)
+        except ImportError:  # pragma: no cover - exporter package always importable
+            pass
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except known as exc:
+            msg = str(exc).strip().splitlines()
+            click.echo(f"convlens: error: {msg[0] if msg else type(exc).__name__}", err=True)
+            sys.exit(EXIT_ERROR)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def run_options(fn: F) -> F:
+    """Options shared by ``run`` and ``demo``."""
+    opts = [
+        click.option("-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path),
+                     required=True, help="Run directory (results.jsonl, maps, report)."),
+        click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+                     show_default=True, help="auto uses CUDA only where it really loads."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Decoding threads [default: number of CPUs]."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="onnxruntime intra-op threads [default: onnxruntime's]."),
+        click.option("--cam", "cam", multiple=True,
+                     help="CAM method(s): cam, gradcam, gradcampp, layercam, eigencam; "
+                          "repeat or comma-separate [default: all the model supports]."),
+        click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="Maps for the K top classes."),
+        click.option("--class", "classes", multiple=True,
+                     help="Also map this class (name or index); repeatable."),
+        click.option("--labels-from-dirs", is_flag=True,
+                     help="Each image's parent folder names its true class."),
+        click.option("--save-maps", is_flag=True,
+                     help="Write raw maps per image to maps/<id>.npz."),
+        click.option("--max-pixels", type=int, default=None,
+                     help="Refuse images with more pixels (decompression-bomb guard) "
+                          "[default: 178956970]; 0 disables."),
+        click.option("--grids", type=click.Choice(["all", "sample", "none"]), default="sample",
+                     show_default=True,
+                     help="Activation grids in the report: every image, a sample "
+                          "(first images, misclassified, least confident), or none."),
+        click.option("--no-report", is_flag=True, help="Results only, no HTML report."),
+        click.option("--force", is_flag=True, help="Recompute everything, ignoring earlier results."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar, no notes."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw: Any) -> None:
+    from convlens.engine.images import DEFAULT_MAX_PIXELS
+    from convlens.engine.run import RunOptions
+    from convlens.pipeline import analyze
+
+    methods = [m.strip() for c in kw["cam"] for m in c.split(",") if m.strip()] or None
+    options = RunOptions(
+        device=kw["device"],
+        batch_size=kw["batch_size"],
+        workers=kw["workers"],
+        threads=kw["threads"],
+        cam_methods=methods,
+        top_k=kw["top_k"],
+        classes=list(kw["classes"]),
+        labels_from_dirs=kw["labels_from_dirs"],
+        force=kw["force"],
+        save_maps=kw["save_maps"],
+        max_pixels=DEFAULT_MAX_PIXELS if kw["max_pixels"] is None else kw["max_pixels"],
+    )
+    quiet = kw["quiet"]
+    warn = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    result = analyze(
+        model, list(inputs), outdir, options, grids=kw["grids"], report=not kw["no_report"],
+        progress=not quiet, warn=warn,
+    )
+    s = result.summary
+    click.echo(s.line(), err=True)
+    if result.report is not None:
+        click.echo(f"report: {result.report}", err=True)
+    if s.exit_code:
+        sys.exit(EXIT_INPUT_FAILED)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="convlens")
+def main() -> None:
+    """See what a Keras CNN looks at, over whole directories of images.
+
+    \b
+    convlens export model.keras -o model.onnx     # needs the [export] extra
+    convlens run model.onnx photos/ -o out/        # results + out/index.html
+    convlens demo -o out/                          # the bundled model and photos
+
+    Exit status: 0 success; 1 some inputs failed (the rest were processed);
+    2 the command could not run (bad model, bad option).
+    """
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The analysis ONNX file to write.")
+@click.option("--layers", default=None,
+              help="Comma-separated conv layers to expose [default: every conv layer].")
+@click.option("--cam-layer", default=None, help="The layer CAMs are computed on [default: the last conv].")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Class names, one per line [default: from the model, else indices].")
+@click.option("--preprocess", default=None,
+              help="none | unit (x/255) | symmetric (x/127.5-1) | caffe (BGR mean subtraction) | "
+                   "imagenet | mean_std:M1,M2,M3/S1,S2,S3 [default: none if the model has a "
+                   "Rescaling layer, else unit].")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Images for the parity check [default: seeded noise].")
+@click.option("--tolerance", type=float, default=1e-3, show_default=True,
+              help="Parity tolerance on max|onnx-keras| / max(1, max|keras|).")
+@one_line_errors
+def export(model: Path, out: Path, layers: str | None, cam_layer: str | None, labels: Path | None,
+           preprocess: str | None, calibration: Path | None, tolerance: float) -> None:
+    """Export a trained Keras model (.keras, .h5, SavedModel) to one analysis ONNX file."""
+    from convlens.exporter.export import export_model
+
+    r = export_model(
+        model, out, layers=[s.strip() for s in layers.split(",") if s.strip()] if layers else None,
+        cam_layer=cam_layer, labels=labels, preprocess=preprocess, calibration=calibration,
+        tolerance=tolerance,
+    )
+    worst = r.spec.parity.get("worst", 0.0)
+    click.echo(
+        f"wrote {r.path} ({r.size_bytes / 1e6:.2f} MB) in {r.seconds:.1f} s: "
+        f"{len(r.spec.activation_outputs)} conv outputs, head {r.spec.head.kind}, "
+        f"CAM layer {r.spec.cam_layer}; parity worst {worst:.2g} (details {r.parity_path})"
+    )
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@one_line_errors
+def inspect(model: Path, as_json: bool) -> None:
+    """Print an analysis ONNX's outputs, shapes, roles, metadata and parity."""
+    from convlens.engine.inspect import describe, format_text
+
+    info = describe(model)
+    click.echo(json.dumps(info, indent=2) if as_json else format_text(info))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+@run_options
+@one_line_errors
+def run(model: Path, inputs: tuple[str, ...], outdir: Path, **kw: Any) -> None:
+    """Analyse images (files, directories, globs) with an analysis ONNX; write a report."""
+    _analyze(str(model), inputs, outdir, **kw)
+
+
+@main.command()
+@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@one_line_errors
+def report(outdir: Path) -> None:
+    """Render the HTML report of a run directory again, with no inference."""
+    from convlens.reports import render_report
+
+    if not (outdir / "results.jsonl").exists():
+        raise ValueError(f"{outdir}: not a convlens run directory (no results.jsonl)")
+    click.echo(f"report: {render_report(outdir)}", err=True)
+
+
+@main.command()
+@run_options
+@one_line_errors
+def demo(outdir: Path, **kw: Any) -> None:
+    """Run the bundled texture model over the bundled photographs, with a report."""
+    from convlens.pipeline import demo_paths
+
+    model, photos = demo_paths()
+    if not kw["labels_from_dirs"]:
+        kw["labels_from_dirs"] = True
+    _analyze(str(model), [str(photos)], outdir, **kw)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,48 @@
+"""The main job as one call: run the engine over images, then render the report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from convlens.engine.run import RunOptions, RunSummary, run
+
+
+@dataclass
+class AnalysisResult:
+    summary: RunSummary
+    report: Path | None
+
+
+def analyze(
+    model: str | Path,
+    inputs: Sequence[str],
+    outdir: str | Path,
+    options: RunOptions | None = None,
+    *,
+    grids: str = "sample",
+    report: bool = True,
+    progress: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> AnalysisResult:
+    """``convlens run``: engine results in ``outdir`` and, unless ``report=False``, its
+    HTML report (``outdir/index.html``)."""
+    sinks = []
+    if report:
+        from convlens.reports import ReportAssetSink
+
+        sinks.append(ReportAssetSink(grids=grids))
+    summary = run(model, inputs, outdir, options, sinks=sinks, progress=progress, warn=warn)
+    index = None
+    if report:
+        from convlens.reports import render_report
+
+        index = render_report(Path(outdir))
+    return AnalysisResult(summary, index)
+
+
+def demo_paths() -> tuple[Path, Path]:
+    """The embedded default: a bundled trained model and real photographs."""
+    here = Path(__file__).parent / "demo"
+    return here / "textures.onnx", here / "photos"

@@ -1,0 +1,88 @@
+"""Describe an analysis ONNX: outputs, shapes, roles, metadata and parity (no TensorFlow)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import contract as C
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Everything ``convlens inspect`` shows, as plain data."""
+    import onnx
+
+    spec = C.read_spec(path)
+    model = onnx.load(str(path), load_external_data=False)
+    graph_outputs = {}
+    for o in model.graph.output:
+        dims = o.type.tensor_type.shape.dim
+        graph_outputs[o.name] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims
+        ]
+    inputs = {}
+    for i in model.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        inputs[i.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    return {
+        "path": str(path),
+        "size_bytes": Path(path).stat().st_size,
+        "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
+        "inputs": inputs,
+        "outputs": [
+            asdict(o) | {"graph_shape": graph_outputs.get(o.name)} for o in spec.outputs
+        ],
+        "spec": asdict(spec),
+    }
+
+
+def format_text(info: dict[str, Any]) -> str:
+    spec = info["spec"]
+    lines = [
+        f"{info['path']}  ({info['size_bytes'] / 1e6:.2f} MB, opset {info['opset']}, "
+        f"convlens format {spec['format_version']})",
+        "",
+        "inputs:",
+    ]
+    for name, shape in info["inputs"].items():
+        lines.append(f"  {name:<28} {shape}")
+    lines += ["", "outputs:"]
+    for o in info["outputs"]:
+        layer = f"  layer={o['layer']}" if o.get("layer") else ""
+        lines.append(f"  {o['name']:<28} {o['role']:<15} {o['graph_shape']}{layer}")
+    inp, pre, head = spec["input"], spec["preprocess"], spec["head"]
+    names = spec["class_names"]
+    lines += [
+        "",
+        "metadata:",
+        f"  classes ({len(names)}): {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}",
+        f"  input: {inp['height']}x{inp['width']}x{inp['channels']} {inp['layout']} "
+        f"{inp['color_mode']}",
+        f"  preprocess: {pre['kind']} (x*{pre['scale']:.6g}+{pre['offset']:g}, mean={pre['mean']}, "
+        f"std={pre['std']}, {pre['channel_order']}, resize={pre['resize']})",
+        f"  CAM layer: {spec['cam_layer']}",
+        f"  head: {head['kind']} ending in {head['activation']}; CAM "
+        f"{'yes' if head['cam_available'] else 'no'}, gradients "
+        f"{'yes' if head['gradients_available'] else 'no'}",
+    ]
+    src = spec.get("source", {})
+    if src:
+        lines.append(
+            f"  exported from {src.get('model')} (Keras {src.get('keras')}, TF "
+            f"{src.get('tensorflow')}) by convlens {src.get('convlens')} at {src.get('created')}"
+        )
+        if src.get("gradient_problems"):
+            lines.append(f"  no gradients because: {'; '.join(src['gradient_problems'])}")
+    par = spec.get("parity") or {}
+    if par:
+        lines += [
+            "",
+            f"parity ({par.get('source')}, tolerance {par.get('tolerance')}): "
+            f"{'PASSED' if par.get('passed') else 'FAILED'}",
+        ]
+        for name, d in sorted(par.get("outputs", {}).items()):
+            lines.append(
+                f"  {name:<28} max abs {d['max_abs']:.3g}  max rel {d['max_rel']:.3g}"
+            )
+    return "\n".join(lines)

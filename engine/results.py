@@ -1,0 +1,108 @@
+"""results.jsonl and the other files of a run directory, written so a killed run resumes.
+
+- Records are appended one ``os.write`` per line (O_APPEND); a line cut by a kill is
+  dropped (and truncated away) when the log is opened again.
+- Every other file is written under a temporary name in the same directory, fsynced,
+  then renamed over the final name (:func:`atomic_write_bytes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = "results.jsonl"
+
+
+def image_id(path: str | Path) -> str:
+    """Stable id of an input: first 16 hex digits of sha1 of its absolute path."""
+    return hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_records(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """All complete records of a results.jsonl (a trailing partial line is ignored;
+    with ``repair`` it is also truncated away so appends start on a fresh line)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if repair and end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    records = []
+    for line in data[:end].splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash in an earlier version; recomputed
+    return records
+
+
+class ResultsLog:
+    """Append-only results.jsonl."""
+
+    def __init__(self, outdir: Path):
+        self.path = outdir / RESULTS
+        self._fd: int | None = None
+
+    def load(self) -> list[dict[str, Any]]:
+        return read_records(self.path, repair=True)
+
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        data = b"".join(_line(r) for r in records)
+        atomic_write_bytes(self.path, data)
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        for r in records:
+            os.write(self._fd, _line(r))
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode(
+        "utf-8", "surrogateescape"
+    )
