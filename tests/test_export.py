@@ -1,0 +1,321 @@
+"""The exporter, on real trained models of every head kind, against Keras and TensorFlow.
+
+References are computed here independently of the exporter's own code: Keras
+sub-models for activations, ``model.predict`` for predictions, and tf.GradientTape
+through the model's own layers for the head gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import require_tf
+from convlens.engine import contract as C
+
+pytestmark = pytest.mark.tf
+
+
+def _images(spec: C.ModelSpec, n: int = 6, seed: int = 3) -> np.ndarray:
+    """Held-out real photo patches at the model's input size, preprocessed per spec."""
+    from convlens.engine.images import Preprocessor
+    from convlens.exporter.demo_data import PHOTOS, TEXTURES, patches
+
+    names = TEXTURES if spec.input.channels == 1 else PHOTOS
+    x, _ = patches(names, n // len(names) + 1, spec.input.height, rgb=True, split="holdout", seed=seed)
+    pre = Preprocessor(spec.input, spec.preprocess)
+    return np.stack([pre(img) for img in x[:n]])
+
+
+def _ort(onnx_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds), strict=True))
+
+
+def _flat_layers(model: Any) -> list[Any]:
+    out = []
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            out.extend(_flat_layers(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def _tape_reference(model: Any, spec: C.ModelSpec, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """d score_c / d A by tf.GradientTape, re-calling the model's layers on a fresh chain.
+
+    The model is split after the exposed CAM tensor: layers up to it give A, the layers
+    after it (the head) are re-applied to A, and the final layer's pre-activation is
+    computed from its kernel.  Works for the chain-structured test models (nested ones
+    are flattened; their Rescaling stays in front).
+    """
+    import tensorflow as tf
+
+    exposed = spec.source["exposed_tensors"][spec.cam_layer]
+    layers = [layer for layer in _flat_layers(model) if type(layer).__name__ != "InputLayer"]
+    names = [layer.name for layer in layers]
+    cut = names.index(exposed) + 1
+    front, head = layers[:cut], layers[cut:]
+    final = head[-1]
+    a = tf.constant(x)
+    for layer in front:
+        a = layer(a, training=False)
+    grads = []
+    for t in range(classes.shape[1]):
+        with tf.GradientTape() as tape:
+            tape.watch(a)
+            h = a
+            for layer in head[:-1]:
+                h = layer(h, training=False)
+            if type(final).__name__ == "Dense":
+                z = tf.matmul(h, final.kernel) + final.bias
+            else:  # Activation(softmax) after GAP: scores are its input
+                z = h
+            if spec.head.binary_sigmoid:
+                z = tf.concat([-z, z], axis=1)
+            sel = tf.reduce_sum(z * tf.one_hot(classes[:, t], z.shape[1]), axis=1)
+        grads.append(tape.gradient(sel, a).numpy())
+    return np.stack(grads, axis=1)
+
+
+def _close(ref: np.ndarray, got: np.ndarray, tol: float = 1e-4) -> None:
+    scale = max(1.0, float(np.abs(ref).max()))
+    assert ref.shape == got.shape
+    err = float(np.abs(ref - got).max()) / scale
+    assert err < tol, f"max relative error {err:.3g}"
+
+
+EXPECTED_HEADS = {
+    "gap_dense": ("gap_dense", "softmax", True),
+    "class_conv": ("class_conv", "softmax", True),
+    "flatten_sigmoid": ("dense", "sigmoid", False),
+    "flatten_softmax": ("dense", "softmax", False),
+    "nested": ("gap_dense", "softmax", True),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_HEADS))
+def test_every_output_matches_keras(zoo: dict[str, dict[str, Path]], name: str) -> None:
+    import keras
+
+    paths = zoo[name]
+    spec = C.read_spec(paths["onnx"])
+    kind, act, cam = EXPECTED_HEADS[name]
+    assert (spec.head.kind, spec.head.activation, spec.head.cam_available) == (kind, act, cam)
+    assert spec.head.gradients_available
+    assert spec.parity["passed"] and spec.parity["worst"] < 1e-4
+
+    model = keras.models.load_model(paths["keras"], compile=False)
+    x = _images(spec)
+    targets = np.array([[-1, -2, 0]] * len(x), np.int64)
+    got = _ort(paths["onnx"], {C.IN_IMAGE: x, C.IN_TARGETS: targets})
+
+    # predictions: Keras' own predict
+    ref = model.predict(x, verbose=0)
+    if spec.head.binary_sigmoid:
+        ref = np.concatenate([1 - ref, ref], axis=1)
+    _close(ref, got[C.OUT_PREDICTIONS])
+    assert got[C.OUT_PREDICTIONS].shape == (len(x), spec.num_classes)
+
+    # every exposed conv activation: a Keras sub-model through the model's own layers
+    layers = {layer.name: layer for layer in _flat_layers(model)}
+    for out in spec.activation_outputs:
+        exposed = spec.source["exposed_tensors"][out.layer]
+        h = x
+        for layer in _flat_layers(model):
+            if type(layer).__name__ == "InputLayer":
+                continue
+            h = layer(h, training=False)
+            if layer.name == exposed:
+                break
+        assert exposed in layers
+        _close(np.asarray(h), got[out.name])
+
+    # class scores are the pre-activation: softmax/sigmoid of them gives predictions
+    s = got[C.OUT_SCORES]
+    if act == "softmax":
+        e = np.exp(s - s.max(axis=1, keepdims=True))
+        _close(e / e.sum(axis=1, keepdims=True), got[C.OUT_PREDICTIONS])
+    else:
+        _close(1 / (1 + np.exp(-s)), got[C.OUT_PREDICTIONS])
+
+    # targets resolve to ranks (-1 = top class) and plain indices
+    order = np.argsort(-got[C.OUT_SCORES], axis=1)
+    np.testing.assert_array_equal(got[C.OUT_TARGET_INDICES][:, 0], order[:, 0])
+    np.testing.assert_array_equal(got[C.OUT_TARGET_INDICES][:, 1], order[:, 1])
+    np.testing.assert_array_equal(got[C.OUT_TARGET_INDICES][:, 2], 0)
+
+    # gradients against tf.GradientTape
+    tape = _tape_reference(model, spec, x, got[C.OUT_TARGET_INDICES])
+    _close(tape, got[C.OUT_GRADIENTS], tol=1e-4)
+    assert np.abs(tape).max() > 0
+
+    # CAM weights are the dense kernel (or identity for class-channel heads)
+    if cam:
+        w = got[C.OUT_CAM_WEIGHTS]
+        if kind == "class_conv":
+            np.testing.assert_array_equal(w, np.eye(spec.num_classes, dtype=np.float32))
+        else:
+            dense = [layer for layer in _flat_layers(model) if type(layer).__name__ == "Dense"][-1]
+            np.testing.assert_array_equal(w, dense.get_weights()[0])
+            np.testing.assert_array_equal(got[C.OUT_CAM_BIAS], dense.get_weights()[1])
+    else:
+        assert C.OUT_CAM_WEIGHTS not in got
+
+
+def test_models_learned_something(zoo: dict[str, dict[str, Path]]) -> None:
+    """The zoo is real trained models, not random weights: held-out accuracy over chance."""
+    import keras
+
+    from convlens.exporter.demo_data import PHOTOS, TEXTURES, patches
+
+    for name, paths in zoo.items():
+        model = keras.models.load_model(paths["keras"], compile=False)
+        spec = C.read_spec(paths["onnx"])
+        names = TEXTURES if spec.input.channels == 1 else PHOTOS
+        if spec.head.binary_sigmoid:
+            names = ("chelsea", "coffee")
+        x, y = patches(names, 40, spec.input.height, rgb=spec.input.channels == 3,
+                       split="holdout", seed=11)
+        x = x.astype("float32") if name == "nested" else x.astype("float32") / 255.0
+        p = model.predict(x, verbose=0)
+        pred = (p[:, 0] > 0.5).astype(int) if p.shape[1] == 1 else p.argmax(1)
+        acc = float((pred == y).mean())
+        assert acc > 1.0 / len(names) + 0.15, f"{name}: held-out accuracy {acc:.2f}"
+
+
+def test_metadata_contract(zoo: dict[str, dict[str, Path]]) -> None:
+    spec = C.read_spec(zoo["nested"]["onnx"])
+    assert spec.preprocess.kind == "none"  # the model rescales itself
+    assert spec.input.color_mode == "rgb" and spec.input.layout == "NHWC"
+    assert spec.class_names == ["0", "1", "2"]
+    assert spec.cam_layer == "bb_conv2"
+    spec = C.read_spec(zoo["gap_dense"]["onnx"])
+    assert spec.preprocess.kind == "unit" and spec.input.color_mode == "grayscale"
+    # the conv followed by BatchNormalization and ReLU is exposed after its activation
+    assert spec.source["exposed_tensors"]["conv2"] == "relu2"
+    roles = {o.name: o.role for o in spec.outputs}
+    assert roles[C.OUT_GRADIENTS] == C.ROLE_GRADIENTS and roles["act/conv1"] == C.ROLE_ACTIVATION
+    parity = json.loads(zoo["gap_dense"]["onnx"].with_suffix(".parity.json").read_text())
+    assert parity["passed"] and "gradients_vs_gradienttape" in parity["outputs"]
+
+
+def test_labels_layers_preprocess_calibration(zoo: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    from convlens.exporter.export import export_model
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("brick\ngrass\ngravel\n")
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    import cv2
+
+    from convlens.exporter.demo_data import load_photo
+
+    cv2.imwrite(str(cal / "a.png"), load_photo("brick")[:100, :100])
+    cv2.imwrite(str(cal / "b.jpg"), load_photo("grass")[:120, :90])
+    r = export_model(
+        zoo["gap_dense"]["keras"], tmp_path / "m.onnx", labels=labels, layers=["conv1"],
+        preprocess="symmetric", calibration=cal,
+    )
+    spec = r.spec
+    assert spec.class_names == ["brick", "grass", "gravel"]
+    # the CAM layer is always exposed, besides the chosen ones
+    assert [o.layer for o in spec.activation_outputs] == ["conv1", "conv2"]
+    assert spec.preprocess.kind == "symmetric" and spec.preprocess.offset == -1.0
+    assert spec.parity["source"].startswith("calibration:2")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "convlens.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_export_cli_and_inspect(zoo: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    out = tmp_path / "cli.onnx"
+    r = _cli("export", str(zoo["flatten_sigmoid"]["keras"]), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "head dense" in r.stdout and out.exists()
+    r = _cli("inspect", str(out))
+    assert r.returncode == 0 and "cam_gradients" in r.stdout and "PASSED" in r.stdout
+    r = _cli("inspect", "--json", str(out))
+    info = json.loads(r.stdout)
+    assert info["spec"]["head"]["binary_sigmoid"] is True
+    assert {o["name"] for o in info["outputs"]} >= {"predictions", "scores", "cam_gradients"}
+
+
+def _bad_models(tmp: Path) -> dict[str, tuple[Path, str]]:
+    import keras
+    from keras import layers
+
+    text = tmp / "notes.keras"
+    text.write_text("this is not a model")
+    dense = tmp / "dense.keras"
+    keras.Sequential([keras.Input((8, 8, 1)), layers.Flatten(), layers.Dense(2)]).save(dense)
+    vector = tmp / "vector.keras"
+    keras.Sequential([keras.Input((10,)), layers.Dense(2)]).save(vector)
+    return {
+        "not a model": (text, "not a Keras model"),
+        "no conv": (dense, "no convolution layer"),
+        "not an image": (vector, "needs an image input"),
+        "missing": (tmp / "nope.keras", "no such file"),
+        "empty dir": (tmp, "not a SavedModel"),
+    }
+
+
+def test_bad_models_give_one_line(tmp_path: Path) -> None:
+    require_tf()
+    for what, (path, needle) in _bad_models(tmp_path).items():
+        r = _cli("export", str(path), "-o", str(tmp_path / "x.onnx"))
+        assert r.returncode == 2, (what, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("convlens:")]
+        assert len(lines) == 1 and needle in lines[0], (what, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_unsupported_head_is_reported_not_fatal(tmp_path: Path) -> None:
+    """Layers without a backward rule are listed together; CAM still exports."""
+    require_tf()
+    import keras
+    from keras import layers
+
+    from convlens.exporter.export import export_loaded
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    x = layers.Conv2D(4, 3, activation="relu", name="c")(inp)
+    x = layers.LayerNormalization(name="ln")(x)
+    x = layers.UpSampling2D(name="up")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    out = layers.Dense(2, activation="softmax")(x)
+    r = export_loaded(keras.Model(inp, out), tmp_path / "u.onnx")
+    assert not r.spec.head.gradients_available
+    problems = r.spec.source["gradient_problems"]
+    assert any("ln (LayerNormalization)" in p for p in problems)
+    assert any("up (UpSampling2D)" in p for p in problems)
+    assert not r.spec.has_output(C.OUT_GRADIENTS)
+    assert r.spec.parity["passed"]
+
+
+def test_savedmodel_without_keras_metadata(tmp_path: Path) -> None:
+    require_tf()
+    import keras
+    from keras import layers
+
+    from convlens.exporter.errors import ExportError
+    from convlens.exporter.loading import load_keras_model
+
+    m = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(2, 3), layers.GlobalAveragePooling2D()])
+    m.export(str(tmp_path / "sm"), verbose=False)
+    with pytest.raises(ExportError, match="without Keras layer metadata"):
+        load_keras_model(tmp_path / "sm")
