@@ -49,35 +49,81 @@ def one_line_errors(fn: F) -> F:
 def run_options(fn: F) -> F:
     """Options shared by ``run`` and ``demo``."""
     opts = [
-        click.option("-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path),
-                     required=True, help="Run directory (results.jsonl, maps, report)."),
-        click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
-                     show_default=True, help="auto uses CUDA only where it really loads."),
+        click.option(
+            "-o",
+            "--output",
+            "outdir",
+            type=click.Path(file_okay=False, path_type=Path),
+            required=True,
+            help="Run directory (results.jsonl, maps, report).",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cuda", "cpu"]),
+            default="auto",
+            show_default=True,
+            help="auto uses CUDA only where it really loads.",
+        ),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
-        click.option("--workers", type=click.IntRange(min=1), default=None,
-                     help="Decoding threads [default: number of CPUs]."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="onnxruntime intra-op threads [default: onnxruntime's]."),
-        click.option("--cam", "cam", multiple=True,
-                     help="CAM method(s): cam, gradcam, gradcampp, layercam, eigencam; "
-                          "repeat or comma-separate [default: all the model supports]."),
-        click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
-                     help="Maps for the K top classes."),
-        click.option("--class", "classes", multiple=True,
-                     help="Also map this class (name or index); repeatable."),
-        click.option("--labels-from-dirs", is_flag=True,
-                     help="Each image's parent folder names its true class."),
-        click.option("--save-maps", is_flag=True,
-                     help="Write raw maps per image to maps/<id>.npz."),
-        click.option("--max-pixels", type=int, default=None,
-                     help="Refuse images with more pixels (decompression-bomb guard) "
-                          "[default: 178956970]; 0 disables."),
-        click.option("--grids", type=click.Choice(["all", "sample", "none"]), default="sample",
-                     show_default=True,
-                     help="Activation grids in the report: every image, a sample "
-                          "(first images, misclassified, least confident), or none."),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Decoding threads [default: number of CPUs].",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="onnxruntime intra-op threads [default: onnxruntime's].",
+        ),
+        click.option(
+            "--cam",
+            "cam",
+            multiple=True,
+            help="CAM method(s): cam, gradcam, gradcampp, layercam, eigencam; "
+            "repeat or comma-separate [default: all the model supports].",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(min=1),
+            default=3,
+            show_default=True,
+            help="Maps for the K top classes.",
+        ),
+        click.option(
+            "--class",
+            "classes",
+            multiple=True,
+            help="Also map this class (name or index); repeatable.",
+        ),
+        click.option(
+            "--labels-from-dirs",
+            is_flag=True,
+            help="Each image's parent folder names its true class.",
+        ),
+        click.option(
+            "--save-maps", is_flag=True, help="Write raw maps per image to maps/<id>.npz."
+        ),
+        click.option(
+            "--max-pixels",
+            type=int,
+            default=None,
+            help="Refuse images with more pixels (decompression-bomb guard) "
+            "[default: 178956970]; 0 disables.",
+        ),
+        click.option(
+            "--grids",
+            type=click.Choice(["all", "sample", "none"]),
+            default="sample",
+            show_default=True,
+            help="Activation grids in the report: every image, a sample "
+            "(first images, misclassified, least confident), or none.",
+        ),
         click.option("--no-report", is_flag=True, help="Results only, no HTML report."),
-        click.option("--force", is_flag=True, help="Recompute everything, ignoring earlier results."),
+        click.option(
+            "--force", is_flag=True, help="Recompute everything, ignoring earlier results."
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, no notes."),
     ]
     for opt in reversed(opts):
@@ -107,8 +153,14 @@ def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw
     quiet = kw["quiet"]
     warn = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     result = analyze(
-        model, list(inputs), outdir, options, grids=kw["grids"], report=not kw["no_report"],
-        progress=not quiet, warn=warn,
+        model,
+        list(inputs),
+        outdir,
+        options,
+        grids=kw["grids"],
+        report=not kw["no_report"],
+        progress=not quiet,
+        warn=warn,
     )
     s = result.summary
     click.echo(s.line(), err=True)
@@ -135,30 +187,70 @@ def main() -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The analysis ONNX file to write.")
-@click.option("--layers", default=None,
-              help="Comma-separated conv layers to expose [default: every conv layer].")
-@click.option("--cam-layer", default=None, help="The layer CAMs are computed on [default: the last conv].")
-@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Class names, one per line [default: from the model, else indices].")
-@click.option("--preprocess", default=None,
-              help="none | unit (x/255) | symmetric (x/127.5-1) | caffe (BGR mean subtraction) | "
-                   "imagenet | mean_std:M1,M2,M3/S1,S2,S3 [default: none if the model has a "
-                   "Rescaling layer, else unit].")
-@click.option("--calibration", type=click.Path(path_type=Path), default=None,
-              help="Images for the parity check [default: seeded noise].")
-@click.option("--tolerance", type=float, default=1e-3, show_default=True,
-              help="Parity tolerance on max|onnx-keras| / max(1, max|keras|).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The analysis ONNX file to write.",
+)
+@click.option(
+    "--layers",
+    default=None,
+    help="Comma-separated conv layers to expose [default: every conv layer].",
+)
+@click.option(
+    "--cam-layer", default=None, help="The layer CAMs are computed on [default: the last conv]."
+)
+@click.option(
+    "--labels",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Class names, one per line [default: from the model, else indices].",
+)
+@click.option(
+    "--preprocess",
+    default=None,
+    help="none | unit (x/255) | symmetric (x/127.5-1) | caffe (BGR mean subtraction) | "
+    "imagenet | mean_std:M1,M2,M3/S1,S2,S3 [default: none if the model has a "
+    "Rescaling layer, else unit].",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Images for the parity check [default: seeded noise].",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="Parity tolerance on max|onnx-keras| / max(1, max|keras|).",
+)
 @one_line_errors
-def export(model: Path, out: Path, layers: str | None, cam_layer: str | None, labels: Path | None,
-           preprocess: str | None, calibration: Path | None, tolerance: float) -> None:
+def export(
+    model: Path,
+    out: Path,
+    layers: str | None,
+    cam_layer: str | None,
+    labels: Path | None,
+    preprocess: str | None,
+    calibration: Path | None,
+    tolerance: float,
+) -> None:
     """Export a trained Keras model (.keras, .h5, SavedModel) to one analysis ONNX file."""
     from convlens.exporter.export import export_model
 
     r = export_model(
-        model, out, layers=[s.strip() for s in layers.split(",") if s.strip()] if layers else None,
-        cam_layer=cam_layer, labels=labels, preprocess=preprocess, calibration=calibration,
+        model,
+        out,
+        layers=[s.strip() for s in layers.split(",") if s.strip()] if layers else None,
+        cam_layer=cam_layer,
+        labels=labels,
+        preprocess=preprocess,
+        calibration=calibration,
         tolerance=tolerance,
     )
     worst = r.spec.parity.get("worst", 0.0)

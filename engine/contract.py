@@ -53,7 +53,13 @@ ACT_PREFIX = "act/"
 # Named preprocessing presets: y = ((x_in_channel_order * scale + offset) - mean) / std
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {"scale": 1.0, "offset": 0.0, "mean": None, "std": None, "channel_order": "RGB"},
-    "unit": {"scale": 1.0 / 255.0, "offset": 0.0, "mean": None, "std": None, "channel_order": "RGB"},
+    "unit": {
+        "scale": 1.0 / 255.0,
+        "offset": 0.0,
+        "mean": None,
+        "std": None,
+        "channel_order": "RGB",
+    },
     "symmetric": {
         "scale": 1.0 / 127.5,
         "offset": -1.0,

@@ -24,15 +24,17 @@ def describe(path: str | Path) -> dict[str, Any]:
     inputs = {}
     for i in model.graph.input:
         dims = i.type.tensor_type.shape.dim
-        inputs[i.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        inputs[i.name] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims
+        ]
     return {
         "path": str(path),
         "size_bytes": Path(path).stat().st_size,
-        "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
+        "opset": max(
+            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None
+        ),
         "inputs": inputs,
-        "outputs": [
-            asdict(o) | {"graph_shape": graph_outputs.get(o.name)} for o in spec.outputs
-        ],
+        "outputs": [asdict(o) | {"graph_shape": graph_outputs.get(o.name)} for o in spec.outputs],
         "spec": asdict(spec),
     }
 
@@ -82,7 +84,5 @@ def format_text(info: dict[str, Any]) -> str:
             f"{'PASSED' if par.get('passed') else 'FAILED'}",
         ]
         for name, d in sorted(par.get("outputs", {}).items()):
-            lines.append(
-                f"  {name:<28} max abs {d['max_abs']:.3g}  max rel {d['max_rel']:.3g}"
-            )
+            lines.append(f"  {name:<28} max abs {d['max_abs']:.3g}  max rel {d['max_rel']:.3g}")
     return "\n".join(lines)

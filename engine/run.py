@@ -200,8 +200,10 @@ class Runner:
                 )
             missing = [m for m in o.cam_methods if m not in avail]
             if missing:
-                why = "needs a GlobalAveragePooling -> Dense head" if "cam" in missing else (
-                    "needs exported gradients"
+                why = (
+                    "needs a GlobalAveragePooling -> Dense head"
+                    if "cam" in missing
+                    else ("needs exported gradients")
                 )
                 raise RunError(
                     f"CAM method {', '.join(missing)} is not available for this model ({why}); "
@@ -352,8 +354,11 @@ class Runner:
         return {"weights": w, "bias": b}
 
     def _next_shard_seq(self) -> int:
-        seqs = [int(p.name.split(".")[0]) for p in (self.outdir / "shards").glob("*.json")
-                if p.name.split(".")[0].isdigit()]
+        seqs = [
+            int(p.name.split(".")[0])
+            for p in (self.outdir / "shards").glob("*.json")
+            if p.name.split(".")[0].isdigit()
+        ]
         return max(seqs, default=-1) + 1
 
     # -- decoding ----------------------------------------------------------------------
@@ -463,7 +468,7 @@ class Runner:
                 classes=classes,
             )
         for name in acts_names:
-            self._pending_stats.update(name[len(C.ACT_PREFIX):], out[name])
+            self._pending_stats.update(name[len(C.ACT_PREFIX) :], out[name])
         if self.methods:
             first = normalize(maps[self.methods[0]][:, 0])  # (N, h, w) top-1 class
             for i in range(len(x)):
@@ -503,8 +508,10 @@ class Runner:
                 rec["maps"] = rel
             else:
                 rec["maps"] = None
-            acts_i = {n[len(C.ACT_PREFIX):]: out[n][i] for n in acts_names} if self.sinks else {}
-            results.append(ImageOutcome(record=rec, image=d.image, maps=per_image, activations=acts_i))
+            acts_i = {n[len(C.ACT_PREFIX) :]: out[n][i] for n in acts_names} if self.sinks else {}
+            results.append(
+                ImageOutcome(record=rec, image=d.image, maps=per_image, activations=acts_i)
+            )
         return results
 
     # -- statistics shards -------------------------------------------------------------
@@ -523,7 +530,12 @@ class Runner:
         self._batches_since_flush = 0
 
     def _finish(
-        self, processed: int, skipped: int, elapsed: float, sess: Session, notes: list[str],
+        self,
+        processed: int,
+        skipped: int,
+        elapsed: float,
+        sess: Session,
+        notes: list[str],
         settings: dict[str, Any],
     ) -> RunSummary:
         records = ResultsLog(self.outdir).load()
@@ -543,11 +555,10 @@ class Runner:
             for k, v in cams.items()
             if k.startswith("class_")
         }
-        counts = {k: int(cams["count_" + k]) for k in mean_cams}
-        atomic_save_npz(
-            self.outdir / "class_cams.npz",
-            mean_cams | {"counts": np.array(json.dumps(counts))},
-        )
+        counts = np.zeros(self.spec.num_classes, np.int64)
+        for k in mean_cams:
+            counts[int(k[len("class_") :])] = int(cams["count_" + k])
+        atomic_save_npz(self.outdir / "class_cams.npz", mean_cams | {"counts": counts})
         summary = RunSummary(
             outdir=self.outdir,
             total=len(records),

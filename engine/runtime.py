@@ -72,7 +72,9 @@ def session_options(threads: int | None = None) -> Any:
     return opts
 
 
-def open_session(model: str | Path | bytes, device: str = "auto", threads: int | None = None) -> Session:
+def open_session(
+    model: str | Path | bytes, device: str = "auto", threads: int | None = None
+) -> Session:
     """Open an InferenceSession on ``device`` ("auto", "cuda" or "cpu").
 
     ``auto`` uses CUDA only where it really loads, else says one line and uses the CPU.
@@ -85,7 +87,9 @@ def open_session(model: str | Path | bytes, device: str = "auto", threads: int |
     src = model if isinstance(model, bytes) else str(model)
     opts = session_options(threads)
     if device == "cpu":
-        return Session(ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"]), "cpu", None)
+        return Session(
+            ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"]), "cpu", None
+        )
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         reason = "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
         if device == "cuda":

@@ -71,8 +71,15 @@ def activation_name(fn: Any) -> str:
     return str(name)
 
 
-@rule("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-      "ActivityRegularization", "Identity")
+@rule(
+    "Dropout",
+    "SpatialDropout2D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "ActivityRegularization",
+    "Identity",
+)
 def _identity(tf: Any, call: Call, g: Any) -> Any:
     return g
 
@@ -107,8 +114,10 @@ def _activation(tf: Any, call: Call, g: Any) -> Any:
 def _relu(tf: Any, call: Call, g: Any) -> Any:
     layer = call.layer
     cfg = layer.get_config()
-    if cfg.get("max_value") not in (None,) or cfg.get("negative_slope", 0.0) or cfg.get(
-        "threshold", 0.0
+    if (
+        cfg.get("max_value") not in (None,)
+        or cfg.get("negative_slope", 0.0)
+        or cfg.get("threshold", 0.0)
     ):
         raise UnsupportedHead([f"{call.name} (ReLU with max_value/negative_slope/threshold)"])
     return activation_grad(tf, "relu", _x(call), call.output, g)
@@ -167,7 +176,9 @@ def _pool_geometry(call: Call) -> tuple[int, int, int, int, int, int]:
     strides = cfg.get("strides") or cfg["pool_size"]
     sh, sw = _pair(strides)
     if (ph, pw) != (sh, sw):
-        raise UnsupportedHead([f"{call.name} (overlapping pooling: pool {ph}x{pw}, stride {sh}x{sw})"])
+        raise UnsupportedHead(
+            [f"{call.name} (overlapping pooling: pool {ph}x{pw}, stride {sh}x{sw})"]
+        )
     if cfg.get("data_format", "channels_last") not in ("channels_last", None):
         raise UnsupportedHead([f"{call.name} (channels_first)"])
     x = _x(call)
@@ -187,8 +198,9 @@ def _windows(tf: Any, x: Any, ph: int, pw: int, ho: int, wo: int, pad_value: flo
     th, tw = ho * ph, wo * pw
     if th > h or tw > w:  # 'same' padding: TF pads bottom/right with the larger half
         pt, pl = (th - h) // 2, (tw - w) // 2
-        x = tf.pad(x, [[0, 0], [pt, th - h - pt], [pl, tw - w - pl], [0, 0]],
-                   constant_values=pad_value)
+        x = tf.pad(
+            x, [[0, 0], [pt, th - h - pt], [pl, tw - w - pl], [0, 0]], constant_values=pad_value
+        )
     else:
         pt = pl = 0
         x = x[:, :th, :tw, :]
@@ -197,8 +209,18 @@ def _windows(tf: Any, x: Any, ph: int, pw: int, ho: int, wo: int, pad_value: flo
     return tf.reshape(x, [-1, ho, wo, k, ph * pw]), (pt, pl)
 
 
-def _unwindows(tf: Any, gw: Any, ph: int, pw: int, h: int, w: int, ho: int, wo: int,
-               k: int, offsets: tuple[int, int]) -> Any:
+def _unwindows(
+    tf: Any,
+    gw: Any,
+    ph: int,
+    pw: int,
+    h: int,
+    w: int,
+    ho: int,
+    wo: int,
+    k: int,
+    offsets: tuple[int, int],
+) -> Any:
     """(N, T, ho, wo, K, ph*pw) -> (N, T, H, W, K), inverse of _windows."""
     th, tw = ho * ph, wo * pw
     s = tf.shape(gw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -52,8 +53,13 @@ def output_names(plan: Plan, with_gradients: bool) -> list[str]:
 
 
 def make_function(
-    tf: Any, model: Any, recorder: Recorder, plan: Plan, input_shape: tuple[int, int, int],
-    with_gradients: bool, plain: bool = False,
+    tf: Any,
+    model: Any,
+    recorder: Recorder,
+    plan: Plan,
+    input_shape: tuple[int, int, int],
+    with_gradients: bool,
+    plain: bool = False,
 ) -> tuple[Any, list[Any]]:
     """The analysis tf.function and its input signature.
 
@@ -155,7 +161,11 @@ def add_constant_output(model_proto: Any, name: str, value: np.ndarray) -> None:
 
 
 def tape_gradients(
-    tf: Any, model: Any, recorder: Recorder, plan: Plan, images: np.ndarray,
+    tf: Any,
+    model: Any,
+    recorder: Recorder,
+    plan: Plan,
+    images: np.ndarray,
     classes: np.ndarray,
 ) -> np.ndarray:
     """Reference d scores[class] / d A by tf.GradientTape through the real Keras layers."""
@@ -164,12 +174,7 @@ def tape_gradients(
     for t in range(classes.shape[1]):
         with tf.GradientTape() as tape:
             held: dict[str, Any] = {}
-
-            def hook(out: Any) -> Any:
-                tape.watch(out)
-                held["a"] = out
-                return out
-
+            hook = functools.partial(_watch, tape, held)
             with recorder.recording(hooks={plan.cam_exposed: hook}) as trace:
                 model(x, training=False)
             _, scores, _ = scores_from_trace(tf, plan, trace)
@@ -177,3 +182,9 @@ def tape_gradients(
         grad = tape.gradient(sel, held["a"])
         result.append(np.asarray(grad))
     return np.stack(result, axis=1)
+
+
+def _watch(tape: Any, held: dict[str, Any], out: Any) -> Any:
+    tape.watch(out)
+    held["a"] = out
+    return out

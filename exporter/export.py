@@ -127,7 +127,11 @@ def export_loaded(
     parity["worst"] = worst
     parity["passed"] = bool(worst <= tolerance)
     spec.parity = parity
-    parity_path = out.with_name(out.name + ".parity.json") if out.suffix != ".onnx" else out.with_suffix(".parity.json")
+    parity_path = (
+        out.with_name(out.name + ".parity.json")
+        if out.suffix != ".onnx"
+        else out.with_suffix(".parity.json")
+    )
     _atomic_write(parity_path, json.dumps(parity, indent=2, sort_keys=True).encode())
     if not parity["passed"]:
         bad = max(parity["outputs"].items(), key=lambda kv: kv[1]["score"])
@@ -251,7 +255,9 @@ def _spec(
     shapes = {}
     for o in proto.graph.output:
         dims = o.type.tensor_type.shape.dim
-        shapes[o.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        shapes[o.name] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims
+        ]
     outputs = [
         C.OutputSpec(C.OUT_PREDICTIONS, C.ROLE_PREDICTIONS, shapes[C.OUT_PREDICTIONS]),
         C.OutputSpec(C.OUT_SCORES, C.ROLE_SCORES, shapes[C.OUT_SCORES]),
@@ -268,7 +274,9 @@ def _spec(
         )
     if plan.cam_weights is not None:
         outputs.append(
-            C.OutputSpec(C.OUT_CAM_WEIGHTS, C.ROLE_CAM_WEIGHTS, list(plan.cam_weights.shape), plan.cam_layer)
+            C.OutputSpec(
+                C.OUT_CAM_WEIGHTS, C.ROLE_CAM_WEIGHTS, list(plan.cam_weights.shape), plan.cam_layer
+            )
         )
         outputs.append(C.OutputSpec(C.OUT_CAM_BIAS, C.ROLE_CAM_BIAS, [len(class_names)]))
     head = C.HeadSpec(
@@ -373,9 +381,7 @@ def check_parity(
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(
-        proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     n_cls = plan.num_classes
     targets = np.array([[-1, -2 if n_cls > 1 else -1, 0]] * len(images), np.int64)
     feeds: dict[str, np.ndarray] = {C.IN_IMAGE: images}
@@ -383,14 +389,20 @@ def check_parity(
         feeds[C.IN_TARGETS] = targets
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, sess.run(names, feeds), strict=True))
-    ref_list = fn(tf.constant(images), tf.constant(targets)) if with_grads else fn(tf.constant(images))
+    ref_list = (
+        fn(tf.constant(images), tf.constant(targets)) if with_grads else fn(tf.constant(images))
+    )
     ref = dict(zip(output_names(plan, with_grads), [np.asarray(r) for r in ref_list], strict=True))
     result: dict[str, Any] = {"n_images": int(len(images)), "outputs": {}}
     for name, value in ref.items():
         if name == C.OUT_TARGET_INDICES:
             agree = float(np.mean(value == got[name]))
-            result["outputs"][name] = {"max_abs": 0.0 if agree == 1 else 1.0, "max_rel": 0.0,
-                                       "score": 0.0 if agree == 1 else 1.0, "ref_max_abs": 0.0}
+            result["outputs"][name] = {
+                "max_abs": 0.0 if agree == 1 else 1.0,
+                "max_rel": 0.0,
+                "score": 0.0 if agree == 1 else 1.0,
+                "ref_max_abs": 0.0,
+            }
             continue
         result["outputs"][name] = _diff(value, got[name])
     keras_pred = np.asarray(model(tf.constant(images), training=False))

@@ -117,8 +117,9 @@ def make_plan(trace: Trace, layers: list[str] | None, cam_layer: str | None) -> 
         chosen.sort()
 
     exposed = [
-        ExposedLayer(conv=calls[i].name, exposed=calls[_exposed_index(calls, i)].name,
-                     kind=calls[i].kind)
+        ExposedLayer(
+            conv=calls[i].name, exposed=calls[_exposed_index(calls, i)].name, kind=calls[i].kind
+        )
         for i in chosen
     ]
     a_i = _exposed_index(calls, cam_i)
@@ -170,7 +171,9 @@ def make_plan(trace: Trace, layers: list[str] | None, cam_layer: str | None) -> 
                 if last.layer.use_bias
                 else np.zeros(units, np.float32)
             )
-        elif (not rest or (len(rest) == 1 and rest[0] is last and final_mode == "activation")) and k == units:
+        elif (
+            not rest or (len(rest) == 1 and rest[0] is last and final_mode == "activation")
+        ) and k == units:
             head_kind = "class_conv"
             w = np.eye(k, dtype=np.float32)
             b = np.zeros(units, np.float32)

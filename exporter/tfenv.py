@@ -17,8 +17,8 @@ def import_tf() -> tuple[Any, Any]:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        import tensorflow as tf
         import keras
+        import tensorflow as tf
     except ImportError as exc:
         raise ExportError(
             "exporting needs TensorFlow and tf2onnx: pip install 'convlens[export]'"

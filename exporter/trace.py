@@ -151,8 +151,15 @@ class Recorder:
             if recorder._active is not None:
                 arrays, named = recorder.weights[name]
                 recorder._active.calls.append(
-                    Call(layer=layer, name=name, kind=kind, inputs=args[0], output=out,
-                         weights=arrays, named=named)
+                    Call(
+                        layer=layer,
+                        name=name,
+                        kind=kind,
+                        inputs=args[0],
+                        output=out,
+                        weights=arrays,
+                        named=named,
+                    )
                 )
             return out
 

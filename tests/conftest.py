@@ -36,9 +36,9 @@ def require_tf() -> None:
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     """Every head kind, trained and exported: name -> {"keras": path, "onnx": path}."""
     require_tf()
-    import zoo as z
-
     from convlens.exporter.export import export_model
+
+    import zoo as z
 
     root = tmp_path_factory.mktemp("zoo")
     out: dict[str, dict[str, Path]] = {}

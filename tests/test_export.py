@@ -11,88 +11,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from conftest import require_tf
 from convlens.engine import contract as C
 
+from conftest import require_tf
+from refs import _close, _flat_layers, _images, _ort, _tape_reference
+
 pytestmark = pytest.mark.tf
-
-
-def _images(spec: C.ModelSpec, n: int = 6, seed: int = 3) -> np.ndarray:
-    """Held-out real photo patches at the model's input size, preprocessed per spec."""
-    from convlens.engine.images import Preprocessor
-    from convlens.exporter.demo_data import PHOTOS, TEXTURES, patches
-
-    names = TEXTURES if spec.input.channels == 1 else PHOTOS
-    x, _ = patches(names, n // len(names) + 1, spec.input.height, rgb=True, split="holdout", seed=seed)
-    pre = Preprocessor(spec.input, spec.preprocess)
-    return np.stack([pre(img) for img in x[:n]])
-
-
-def _ort(onnx_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds), strict=True))
-
-
-def _flat_layers(model: Any) -> list[Any]:
-    out = []
-    for layer in model.layers:
-        if hasattr(layer, "layers") and layer.layers:
-            out.extend(_flat_layers(layer))
-        else:
-            out.append(layer)
-    return out
-
-
-def _tape_reference(model: Any, spec: C.ModelSpec, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """d score_c / d A by tf.GradientTape, re-calling the model's layers on a fresh chain.
-
-    The model is split after the exposed CAM tensor: layers up to it give A, the layers
-    after it (the head) are re-applied to A, and the final layer's pre-activation is
-    computed from its kernel.  Works for the chain-structured test models (nested ones
-    are flattened; their Rescaling stays in front).
-    """
-    import tensorflow as tf
-
-    exposed = spec.source["exposed_tensors"][spec.cam_layer]
-    layers = [layer for layer in _flat_layers(model) if type(layer).__name__ != "InputLayer"]
-    names = [layer.name for layer in layers]
-    cut = names.index(exposed) + 1
-    front, head = layers[:cut], layers[cut:]
-    final = head[-1]
-    a = tf.constant(x)
-    for layer in front:
-        a = layer(a, training=False)
-    grads = []
-    for t in range(classes.shape[1]):
-        with tf.GradientTape() as tape:
-            tape.watch(a)
-            h = a
-            for layer in head[:-1]:
-                h = layer(h, training=False)
-            if type(final).__name__ == "Dense":
-                z = tf.matmul(h, final.kernel) + final.bias
-            else:  # Activation(softmax) after GAP: scores are its input
-                z = h
-            if spec.head.binary_sigmoid:
-                z = tf.concat([-z, z], axis=1)
-            sel = tf.reduce_sum(z * tf.one_hot(classes[:, t], z.shape[1]), axis=1)
-        grads.append(tape.gradient(sel, a).numpy())
-    return np.stack(grads, axis=1)
-
-
-def _close(ref: np.ndarray, got: np.ndarray, tol: float = 1e-4) -> None:
-    scale = max(1.0, float(np.abs(ref).max()))
-    assert ref.shape == got.shape
-    err = float(np.abs(ref - got).max()) / scale
-    assert err < tol, f"max relative error {err:.3g}"
 
 
 EXPECTED_HEADS = {
@@ -185,8 +113,9 @@ def test_models_learned_something(zoo: dict[str, dict[str, Path]]) -> None:
         names = TEXTURES if spec.input.channels == 1 else PHOTOS
         if spec.head.binary_sigmoid:
             names = ("chelsea", "coffee")
-        x, y = patches(names, 40, spec.input.height, rgb=spec.input.channels == 3,
-                       split="holdout", seed=11)
+        x, y = patches(
+            names, 40, spec.input.height, rgb=spec.input.channels == 3, split="holdout", seed=11
+        )
         x = x.astype("float32") if name == "nested" else x.astype("float32") / 255.0
         p = model.predict(x, verbose=0)
         pred = (p[:, 0] > 0.5).astype(int) if p.shape[1] == 1 else p.argmax(1)
@@ -210,7 +139,9 @@ def test_metadata_contract(zoo: dict[str, dict[str, Path]]) -> None:
     assert parity["passed"] and "gradients_vs_gradienttape" in parity["outputs"]
 
 
-def test_labels_layers_preprocess_calibration(zoo: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+def test_labels_layers_preprocess_calibration(
+    zoo: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
     from convlens.exporter.export import export_model
 
     labels = tmp_path / "labels.txt"
@@ -224,8 +155,12 @@ def test_labels_layers_preprocess_calibration(zoo: dict[str, dict[str, Path]], t
     cv2.imwrite(str(cal / "a.png"), load_photo("brick")[:100, :100])
     cv2.imwrite(str(cal / "b.jpg"), load_photo("grass")[:120, :90])
     r = export_model(
-        zoo["gap_dense"]["keras"], tmp_path / "m.onnx", labels=labels, layers=["conv1"],
-        preprocess="symmetric", calibration=cal,
+        zoo["gap_dense"]["keras"],
+        tmp_path / "m.onnx",
+        labels=labels,
+        layers=["conv1"],
+        preprocess="symmetric",
+        calibration=cal,
     )
     spec = r.spec
     assert spec.class_names == ["brick", "grass", "gravel"]
@@ -315,7 +250,9 @@ def test_savedmodel_without_keras_metadata(tmp_path: Path) -> None:
     from convlens.exporter.errors import ExportError
     from convlens.exporter.loading import load_keras_model
 
-    m = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(2, 3), layers.GlobalAveragePooling2D()])
+    m = keras.Sequential(
+        [keras.Input((8, 8, 1)), layers.Conv2D(2, 3), layers.GlobalAveragePooling2D()]
+    )
     m.export(str(tmp_path / "sm"), verbose=False)
     with pytest.raises(ExportError, match="without Keras layer metadata"):
         load_keras_model(tmp_path / "sm")

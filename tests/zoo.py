@@ -14,7 +14,9 @@ import numpy as np
 SIZE = 32
 
 
-def _data(rgb: bool, n: int = 160, names: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _data(
+    rgb: bool, n: int = 160, names: tuple[str, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     from convlens.exporter.demo_data import PHOTOS, TEXTURES, patches
 
     names = names or (PHOTOS if rgb else TEXTURES)

@@ -1,0 +1,198 @@
+"""Per-channel activation statistics over a whole run, mergeable across batches/shards.
+
+For a layer with activations ``A`` of shape ``(N, h, w, k)`` seen over the run, with
+``P = N * h * w`` positions per channel in total, channel ``c`` accumulates::
+
+    sum[c]   = sum over all images and positions of A[..., c]      (float64)
+    max[c]   = max over all images and positions of A[..., c]
+    zeros[c] = number of positions where A[..., c] == 0 exactly
+    P        = number of positions summed (same for every channel)
+
+and reports ``mean = sum / P``, ``zero_fraction = zeros / P`` and
+``dead = {c : max[c] <= 0}`` (channels that never fired over the run).  All of these
+merge exactly: sums and counts add, maxima take the maximum, so statistics computed per
+batch or per shard and merged equal those of the whole run (up to float64 summation
+order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _sig6(values: np.ndarray) -> list[float | None]:
+    """Floats rounded to 6 significant digits; non-finite values become ``None``."""
+    return [float(f"{v:.6g}") if math.isfinite(v) else None for v in values.tolist()]
+
+
+@dataclass
+class LayerStats:
+    """Running per-channel statistics of one layer with feature shape ``(h, w, k)``."""
+
+    shape: tuple[int, int, int]
+    count: int = 0  # images
+    positions: int = 0  # images * h * w
+    sum: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    max: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    zeros: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __post_init__(self) -> None:
+        k = self.shape[2]
+        if self.sum.size == 0:
+            self.sum = np.zeros(k, np.float64)
+        if self.max.size == 0:
+            self.max = np.full(k, -np.inf, np.float64)
+        if self.zeros.size == 0:
+            self.zeros = np.zeros(k, np.int64)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int, int]) -> LayerStats:
+        h, w, k = (int(v) for v in shape)
+        return cls(shape=(h, w, k))
+
+    def update(self, acts: np.ndarray) -> None:
+        """Add a batch ``(N, h, w, k)``."""
+        if acts.ndim != 4 or tuple(acts.shape[1:]) != self.shape:
+            raise ValueError(f"expected activations (N, {self.shape}), got {acts.shape}")
+        n = acts.shape[0]
+        if n == 0:
+            return
+        flat = acts.reshape(-1, self.shape[2])
+        self.sum += flat.sum(axis=0, dtype=np.float64)
+        np.maximum(self.max, flat.max(axis=0), out=self.max)
+        self.zeros += np.count_nonzero(flat == 0, axis=0)
+        self.count += n
+        self.positions += flat.shape[0]
+
+    def merge(self, other: LayerStats) -> None:
+        """Fold ``other`` (same shape) into this one."""
+        if other.shape != self.shape:
+            raise ValueError(f"cannot merge layer stats of shape {other.shape} into {self.shape}")
+        self.sum += other.sum
+        np.maximum(self.max, other.max, out=self.max)
+        self.zeros += other.zeros
+        self.count += other.count
+        self.positions += other.positions
+
+    @property
+    def mean(self) -> np.ndarray:
+        """``sum / positions`` per channel (zeros before any update)."""
+        return self.sum / self.positions if self.positions else np.zeros_like(self.sum)
+
+    @property
+    def zero_fraction(self) -> np.ndarray:
+        """``zeros / positions`` per channel."""
+        return (
+            self.zeros / self.positions if self.positions else np.zeros(self.shape[2], np.float64)
+        )
+
+    @property
+    def dead(self) -> list[int]:
+        """Channels whose maximum over the run is ``<= 0`` (never fired)."""
+        if not self.count:
+            return []
+        return [int(i) for i in np.flatnonzero(self.max <= 0)]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """``shape``, ``count``, per-channel ``mean``/``max``/``zero_fraction`` (6
+        significant digits) and ``dead``."""
+        return {
+            "shape": list(self.shape),
+            "count": self.count,
+            "mean": _sig6(self.mean),
+            "max": _sig6(self.max) if self.count else [None] * self.shape[2],
+            "zero_fraction": _sig6(self.zero_fraction),
+            "dead": self.dead,
+        }
+
+
+class RunStats:
+    """Layer name -> :class:`LayerStats`, in the order layers were first seen."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, LayerStats] = {}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.layers
+
+    def __getitem__(self, layer: str) -> LayerStats:
+        return self.layers[layer]
+
+    def update(self, layer: str, acts: np.ndarray) -> None:
+        """Add a batch of activations ``(N, h, w, k)`` of ``layer``."""
+        if acts.ndim != 4:
+            raise ValueError(f"{layer}: expected activations (N, h, w, k), got {acts.shape}")
+        st = self.layers.get(layer)
+        if st is None:
+            h, w, k = acts.shape[1:]
+            st = self.layers[layer] = LayerStats.empty((h, w, k))
+        st.update(acts)
+
+    def merge(self, other: RunStats) -> None:
+        """Fold ``other`` into this one (layers missing here are copied)."""
+        for name, st in other.layers.items():
+            mine = self.layers.get(name)
+            if mine is None:
+                mine = self.layers[name] = LayerStats.empty(st.shape)
+            mine.merge(st)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """``{layer: LayerStats.to_json_dict()}`` (the ``stats.json`` document)."""
+        return {name: st.to_json_dict() for name, st in self.layers.items()}
+
+    # ---- persistence ----------------------------------------------------------------
+    def save_npz(self, path: str | os.PathLike[str]) -> None:
+        """Write to ``path`` atomically (temporary file in the same directory, then
+        ``os.replace``), so a reader never sees a partial file."""
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {
+            "layers": np.array(json.dumps(list(self.layers))),
+        }
+        for i, st in enumerate(self.layers.values()):
+            arrays[f"l{i}_shape"] = np.array(st.shape, np.int64)
+            arrays[f"l{i}_counts"] = np.array([st.count, st.positions], np.int64)
+            arrays[f"l{i}_sum"] = st.sum
+            arrays[f"l{i}_max"] = st.max
+            arrays[f"l{i}_zeros"] = st.zeros
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)  # type: ignore[arg-type]
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load_npz(cls, path: str | os.PathLike[str]) -> RunStats:
+        """Read a file written by :meth:`save_npz`."""
+        out = cls()
+        with np.load(path, allow_pickle=False) as z:
+            names = json.loads(str(z["layers"]))
+            for i, name in enumerate(names):
+                h, w, k = (int(v) for v in z[f"l{i}_shape"])
+                count, positions = (int(v) for v in z[f"l{i}_counts"])
+                out.layers[name] = LayerStats(
+                    shape=(h, w, k),
+                    count=count,
+                    positions=positions,
+                    sum=z[f"l{i}_sum"].astype(np.float64),
+                    max=z[f"l{i}_max"].astype(np.float64),
+                    zeros=z[f"l{i}_zeros"].astype(np.int64),
+                )
+        return out

@@ -1,0 +1,505 @@
+"""The engine on real trained models: CAM maps against formulas, resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from convlens.engine import contract as C
+from convlens.engine.run import RunOptions, run
+
+# ---------------------------------------------------------------- helpers
+
+
+def _write_photos(dest: Path, size: int, n: int = 6, rgb: bool = True) -> list[Path]:
+    """Real photo crops (scikit-image's sample photographs) as PNG files."""
+    from convlens.exporter.demo_data import PHOTOS, TEXTURES, patches
+
+    names = PHOTOS if rgb else TEXTURES
+    x, _ = patches(names, n // len(names) + 1, size * 3, rgb=True, split="holdout", seed=5)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(x[:n]):
+        p = dest / f"img{i:02d}.png"
+        cv2.imwrite(str(p), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        paths.append(p)
+    return paths
+
+
+def _records(outdir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (outdir / "results.jsonl").read_text().splitlines()]
+
+
+def _ref_inputs(spec: C.ModelSpec, paths: list[Path]) -> np.ndarray:
+    from convlens.engine.images import Preprocessor, read_image
+
+    pre = Preprocessor(spec.input, spec.preprocess)
+    return np.stack([pre(read_image(p)) for p in paths])
+
+
+# naive formulas, straight from the papers, with explicit loops
+
+
+def ref_cam(a: np.ndarray, w: np.ndarray, c: int) -> np.ndarray:
+    h, wd, k = a.shape
+    m = np.zeros((h, wd))
+    for i in range(h):
+        for j in range(wd):
+            m[i, j] = sum(w[ch, c] * a[i, j, ch] for ch in range(k))
+    return np.maximum(m, 0)
+
+
+def ref_gradcam(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    alpha = g.mean(axis=(0, 1))
+    return np.maximum((a * alpha).sum(-1), 0)
+
+
+def ref_gradcampp(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    k = a.shape[-1]
+    weights = np.zeros(k)
+    for ch in range(k):
+        # Chattopadhyay et al. 2018, eq. 19 with exponential scores:
+        # alpha_ij = g_ij^2 / (2 g_ij^2 + sum_ab A_ab * g_ij^3)
+        g2, g3 = g[..., ch] ** 2, g[..., ch] ** 3
+        denom = 2 * g2 + a[..., ch].sum() * g3
+        alpha = np.where(denom != 0, g2 / np.where(denom != 0, denom, 1), 0)
+        weights[ch] = (alpha * np.maximum(g[..., ch], 0)).sum()
+    return np.maximum((a * weights).sum(-1), 0)
+
+
+def ref_layercam(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    return np.maximum((np.maximum(g, 0) * a).sum(-1), 0)
+
+
+def ref_eigencam(a: np.ndarray) -> np.ndarray:
+    h, w, k = a.shape
+    flat = a.reshape(h * w, k).astype(np.float64)
+    _, _, vt = np.linalg.svd(flat, full_matrices=False)
+    proj = flat @ vt[0]
+    if proj.sum() < 0:
+        proj = -proj
+    return np.maximum(proj, 0).reshape(h, w)
+
+
+def _close_map(ref: np.ndarray, got: np.ndarray, tol: float = 2e-4) -> None:
+    scale = max(1e-6, float(np.abs(ref).max()))
+    err = float(np.abs(ref - got).max()) / scale
+    assert err < tol, f"relative error {err:.3g}"
+
+
+# ---------------------------------------------------------------- CAMs against formulas
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize(
+    "name", ["gap_dense", "class_conv", "flatten_softmax", "flatten_sigmoid", "nested"]
+)
+def test_every_cam_method_against_formula(
+    zoo: dict[str, dict[str, Path]], tmp_path: Path, name: str
+) -> None:
+    import keras
+
+    from refs import _tape_reference, keras_activation
+
+    onnx = zoo[name]["onnx"]
+    spec = C.read_spec(onnx)
+    paths = _write_photos(tmp_path / "in", spec.input.height, n=5, rgb=spec.input.channels == 3)
+    out = tmp_path / "out"
+    k = min(2, spec.num_classes)
+    summary = run(
+        onnx,
+        [str(tmp_path / "in")],
+        out,
+        RunOptions(device="cpu", batch_size=2, top_k=k, classes=["0"], save_maps=True),
+        progress=False,
+    )
+    assert summary.ok == 5 and summary.failed == 0
+    methods = ["gradcam", "gradcampp", "layercam", "eigencam"]
+    if spec.head.cam_available:
+        methods = ["cam", *methods]
+    model = keras.models.load_model(zoo[name]["keras"], compile=False)
+    x = _ref_inputs(spec, paths)
+    exposed = spec.source["exposed_tensors"][spec.cam_layer]
+    acts = keras_activation(model, exposed, x)
+    probs = model.predict(x, verbose=0)
+    if spec.head.binary_sigmoid:
+        probs = np.concatenate([1 - probs, probs], axis=1)
+    by_path = {r["path"]: r for r in _records(out)}
+    for i, p in enumerate(paths):
+        rec = by_path[str(p)]
+        assert rec["cam_methods"] == methods
+        top = list(np.argsort(-probs[i], kind="stable")[:k])
+        assert [pr["index"] for pr in rec["predictions"]] == top
+        np.testing.assert_allclose(
+            [pr["prob"] for pr in rec["predictions"]], probs[i][top], atol=1e-5
+        )
+        classes = np.array([rec["cam_classes"]])
+        assert rec["cam_classes"][:k] == top and rec["cam_classes"][k] == 0
+        grads = _tape_reference(model, spec, x[i : i + 1], classes)[0]
+        maps = np.load(out / rec["maps"])
+        for t, c in enumerate(rec["cam_classes"]):
+            a, g = acts[i], grads[t]
+            refs = {
+                "gradcam": ref_gradcam(a, g),
+                "gradcampp": ref_gradcampp(a, g),
+                "layercam": ref_layercam(a, g),
+                "eigencam": ref_eigencam(a),
+            }
+            if spec.head.cam_available:
+                w = (
+                    np.eye(spec.num_classes)
+                    if spec.head.kind == "class_conv"
+                    else ([ly for ly in refs_dense(model)][-1].get_weights()[0])
+                )
+                if spec.head.binary_sigmoid:
+                    w = np.concatenate([-w, w], axis=1)
+                refs["cam"] = ref_cam(a, w, c)
+            for m in methods:
+                _close_map(refs[m], maps[f"{m}/{c}"])
+
+
+def refs_dense(model: Any) -> list[Any]:
+    from refs import _flat_layers
+
+    return [ly for ly in _flat_layers(model) if type(ly).__name__ == "Dense"]
+
+
+def test_gradcam_is_cam_up_to_scale_for_gap_dense(
+    demo_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """For GAP -> Dense, dS_c/dA_k = w_kc / (h w): Grad-CAM equals CAM / (h w)."""
+    model, photos = demo_model
+    out = tmp_path / "o"
+    run(
+        model,
+        [str(photos)],
+        out,
+        RunOptions(device="cpu", save_maps=True, cam_methods=["cam", "gradcam"]),
+        progress=False,
+    )
+    for rec in _records(out):
+        maps = np.load(out / rec["maps"])
+        for c in rec["cam_classes"]:
+            cam, grad = maps[f"cam/{c}"], maps[f"gradcam/{c}"]
+            h, w = cam.shape
+            np.testing.assert_allclose(grad * h * w, cam, rtol=1e-4, atol=1e-5 * cam.max())
+
+
+def test_cam_localises_texture_in_mixed_photos(
+    demo_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The bundled model on photos with two textures side by side: the CAM of each
+    texture's class is stronger on the half that shows it."""
+    model, photos = demo_model
+    out = tmp_path / "o"
+    run(
+        model,
+        [str(photos / "mixed")],
+        out,
+        RunOptions(
+            device="cpu",
+            save_maps=True,
+            cam_methods=["cam", "layercam"],
+            classes=["brick", "grass", "gravel"],
+        ),
+        progress=False,
+    )
+    names = C.read_spec(model).class_names
+    checked = 0
+    for rec in _records(out):
+        left, right = Path(rec["path"]).stem.split("_left_")
+        right = right.replace("_right", "")
+        maps = np.load(out / rec["maps"])
+        for method in ("cam", "layercam"):
+            ml = maps[f"{method}/{names.index(left)}"]
+            mr = maps[f"{method}/{names.index(right)}"]
+            half = ml.shape[1] // 2
+            assert ml[:, :half].mean() > ml[:, half:].mean(), (rec["path"], method, left)
+            assert mr[:, half:].mean() > mr[:, :half].mean(), (rec["path"], method, right)
+            checked += 1
+    assert checked == 6
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_inputs(d: Path, good_src: Path) -> dict[str, str]:
+    """A directory of every kind of bad input mixed with good ones: name -> expected reason."""
+    d.mkdir()
+    good = good_src.read_bytes()
+    (d / "good1.jpg").write_bytes(good)
+    (d / "sub").mkdir()
+    (d / "sub" / "good2.jpg").write_bytes(good)
+    (d / "zero.jpg").write_bytes(b"")
+    (d / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (d / "notes.png").write_text("this is a text file, not an image\n")
+    png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    # a valid PNG whose header claims 100000 x 100000 pixels (a decompression bomb)
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    (d / "bomb.png").write_bytes(png[:8] + chunk + png[33:])
+    (d / "empty_dir").mkdir()
+    return {
+        "zero.jpg": "empty",
+        "truncated.jpg": "truncated",
+        "notes.png": "not an image",
+        "bomb.png": "too large",
+    }
+
+
+def test_bad_inputs_are_recorded_and_skipped(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, photos = demo_model
+    src = next((photos / "brick").glob("*.jpg"))
+    expected = _bad_inputs(tmp_path / "in", src)
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convlens.cli",
+            "run",
+            str(model),
+            str(tmp_path / "in"),
+            str(tmp_path / "in" / "empty_dir"),
+            str(tmp_path / "missing"),
+            str(tmp_path / "in" / "*.nomatch"),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-report",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    recs = {Path(x["path"]).name: x for x in _records(out)}
+    assert recs["good1.jpg"]["status"] == "ok" and recs["good2.jpg"]["status"] == "ok"
+    for name, reason in expected.items():
+        assert recs[name]["status"] == "error", name
+        assert reason in recs[name]["error"], (name, recs[name]["error"])
+        assert name in r.stderr
+    assert "no image" in recs["empty_dir"]["error"]
+    assert "no such file" in recs["missing"]["error"]
+    assert recs["*.nomatch"]["status"] == "error"
+    assert "2 ok, 7 failed" in r.stderr
+
+
+def test_not_an_analysis_model_is_refused(tmp_path: Path, demo_model: tuple[Path, Path]) -> None:
+    import onnx
+
+    m = onnx.load(str(demo_model[0]))
+    del m.metadata_props[:]
+    plain = tmp_path / "plain.onnx"
+    onnx.save(m, str(plain))
+    for model in (plain, demo_model[1] / "brick" / "brick_1.jpg"):
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "convlens.cli",
+                "run",
+                str(model),
+                str(demo_model[1]),
+                "-o",
+                str(tmp_path / "o"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2
+        assert r.stderr.count("\n") == 1 and "convlens export" in r.stderr, r.stderr
+
+
+def test_options_errors_are_one_line(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, photos = demo_model
+    for args, needle in [
+        (["--cam", "nosuch"], "unknown CAM method"),
+        (["--class", "marble"], "not a class of this model"),
+        (["--device", "cuda"], "CUDA not available"),
+    ]:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "convlens.cli",
+                "run",
+                str(model),
+                str(photos),
+                "-o",
+                str(tmp_path / "o"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_device_auto_says_one_line(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    from convlens.engine.runtime import open_session
+
+    model, photos = demo_model
+    s = open_session(model, "auto")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convlens.cli",
+            "run",
+            str(model),
+            str(photos / "grass"),
+            "-o",
+            str(tmp_path / "o"),
+            "--no-report",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    if s.device == "cpu":
+        assert (
+            s.note and s.note.startswith("CUDA not available (") and s.note.endswith("); using CPU")
+        )
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert lines[0] == s.note
+        assert len(lines) == 2  # the note and the summary: no onnxruntime noise
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _many_images(d: Path, photos: Path, n: int) -> None:
+    srcs = sorted(photos.rglob("*.jpg"))
+    for i in range(n):
+        sub = d / srcs[i % len(srcs)].parent.name
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{i:04d}.jpg").write_bytes(srcs[i % len(srcs)].read_bytes())
+
+
+def _comparable(outdir: Path) -> dict[str, Any]:
+    recs = _records(outdir)
+    return {r["id"]: (r["status"], r.get("predictions"), r.get("cam_classes")) for r in recs}
+
+
+def test_resume_after_sigkill(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, photos = demo_model
+    inp = tmp_path / "in"
+    _many_images(inp, photos, 240)
+    (inp / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    args = [
+        sys.executable,
+        "-m",
+        "convlens.cli",
+        "run",
+        str(model),
+        str(inp),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--save-maps",
+        "--labels-from-dirs",
+        "-q",
+        "--no-report",
+    ]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*args, "-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 120
+    results = killed / "results.jsonl"
+    while time.time() < deadline:
+        if results.exists() and results.read_bytes().count(b"\n") >= 60:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = results.read_bytes().count(b"\n")
+    assert 0 < n_before < 241, "the run should have been killed midway"
+    r = subprocess.run([*args, "-o", str(killed)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr  # broken.jpg
+    clean = tmp_path / "clean"
+    r2 = subprocess.run([*args, "-o", str(clean)], capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 1
+    a, b = _comparable(killed), _comparable(clean)
+    assert len(_records(killed)) == len(a) == 241  # nothing twice
+    assert a == b  # nothing lost, same results
+    sa = json.loads((killed / "stats.json").read_text())
+    sb = json.loads((clean / "stats.json").read_text())
+    for layer in sb:
+        assert sa[layer]["count"] == sb[layer]["count"] == 240
+        np.testing.assert_allclose(sa[layer]["mean"], sb[layer]["mean"], rtol=1e-5)
+        assert sa[layer]["max"] == sb[layer]["max"]
+    assert sorted(p.name for p in (killed / "maps").iterdir()) == sorted(
+        p.name for p in (clean / "maps").iterdir()
+    )
+    assert not list(killed.rglob("*.tmp"))
+    # once more: everything is skipped, nothing changes
+    before = (killed / "results.jsonl").read_bytes()
+    r3 = subprocess.run([*args, "-o", str(killed)], capture_output=True, text=True, timeout=300)
+    assert "0 processed" in r3.stderr or r3.returncode == 1
+    assert (killed / "results.jsonl").read_bytes() == before
+    # --force recomputes from scratch
+    r4 = subprocess.run(
+        [*args, "-o", str(killed), "--force"], capture_output=True, text=True, timeout=300
+    )
+    assert r4.returncode == 1 and _comparable(killed) == b
+
+
+# ---------------------------------------------------------------- no TensorFlow at run time
+
+
+def test_run_works_without_tensorflow(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, photos = demo_model
+    code = (
+        "import sys\n"
+        "for m in ('tensorflow', 'tf2onnx', 'keras', 'tf_keras'):\n"
+        "    sys.modules[m] = None  # any import of them now fails\n"
+        "import convlens.engine, convlens.engine.run, convlens.reports\n"
+        "from convlens.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    assert not any(k.startswith('tensorflow') for k in sys.modules if sys.modules[k])\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "run",
+            str(model),
+            str(photos),
+            "-o",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "index.html").exists()
