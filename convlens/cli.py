@@ -64,7 +64,13 @@ def run_options(fn: F) -> F:
             show_default=True,
             help="auto uses CUDA only where it really loads.",
         ),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help="Images per onnxruntime call.",
+        ),
         click.option(
             "--workers",
             type=click.IntRange(min=1),

@@ -1,0 +1,71 @@
+"""The CLI: every command has help; it stays a thin layer (the library never imports it)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import click
+from click.testing import CliRunner
+
+from convlens.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _commands(group: click.Group) -> list[tuple[str, click.Command]]:
+    return [(name, cmd) for name, cmd in group.commands.items()]
+
+
+def test_every_command_has_help() -> None:
+    runner = CliRunner()
+    r = runner.invoke(main, ["--help"])
+    assert r.exit_code == 0 and "Usage" in r.output
+    names = [n for n, _ in _commands(main)]
+    assert set(names) >= {"export", "inspect", "run", "report", "demo"}
+    for name, cmd in _commands(main):
+        assert cmd.help, f"{name} has no help text"
+        r = runner.invoke(main, [name, "--help"])
+        assert r.exit_code == 0, (name, r.output)
+        assert "Usage" in r.output and "--help" in r.output
+        for param in cmd.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                assert param.help, f"{name} --{param.name} has no help"
+
+
+def test_version() -> None:
+    from convlens import __version__
+
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_package_boundaries() -> None:
+    """engine/ and reports/ never import the exporter or TensorFlow; the engine knows no
+    HTML; nothing in the library imports the CLI."""
+    for folder in ("engine", "reports"):
+        for f in (ROOT / folder).glob("*.py"):
+            mods = _imports(f)
+            bad = {
+                m
+                for m in mods
+                if m.startswith(("convlens.exporter", "tensorflow", "keras", "tf2onnx"))
+            }
+            assert not bad, (f, bad)
+            if folder == "engine":
+                assert not {m for m in mods if m.startswith(("convlens.reports", "jinja2"))}, f
+    for folder in ("engine", "reports", "exporter"):
+        for f in (ROOT / folder).glob("*.py"):
+            assert "convlens.cli" not in _imports(f), f
+    assert "convlens.cli" not in _imports(ROOT / "convlens" / "pipeline.py")
