@@ -1,0 +1,524 @@
+"""Plain data for the report: read an OUTDIR (see OUTDIR.md) into dataclasses.
+
+Nothing here knows about HTML.  Every reader is tolerant: a missing optional file gives
+an empty value, a torn last line of results.jsonl is skipped (and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .assets import (
+    ASSETS_DIR,
+    ASSETS_JSON,
+    CAMS_DIR,
+    GRIDS_DIR,
+    THUMBS_DIR,
+    cam_file_name,
+    grid_file_name,
+    safe_id,
+)
+
+RESULTS = "results.jsonl"
+RUN_JSON = "run.json"
+STATS_JSON = "stats.json"
+CLASS_CAMS = "class_cams.npz"
+
+#: a full confusion matrix is drawn up to this many classes; above, the most confused pairs
+CONFUSION_MAX_CLASSES = 25
+CONFUSED_PAIRS = 25
+HEAT_LEVELS = 6
+
+
+@dataclass(slots=True)
+class Prediction:
+    index: int
+    name: str
+    prob: float
+
+
+@dataclass(slots=True)
+class ImageEntry:
+    """One input, from its results.jsonl record (only what the report shows)."""
+
+    id: str  # file-name-safe id (== the record's id for engine-written records)
+    path: str
+    relpath: str
+    ok: bool
+    error: str | None
+    width: int | None
+    height: int | None
+    predictions: list[Prediction]
+    label: str | None
+    label_index: int | None
+    cam_classes: list[int]
+    cam_methods: list[str]
+
+    @property
+    def top(self) -> Prediction | None:
+        return self.predictions[0] if self.predictions else None
+
+    @property
+    def correct(self) -> bool | None:
+        """True/False when the label is known and there is a prediction, else None."""
+        if self.label_index is None or not self.predictions:
+            return None
+        return self.predictions[0].index == self.label_index
+
+
+@dataclass
+class Results:
+    entries: list[ImageEntry]  # ok images sorted by relpath, then failed ones
+    bad_lines: int = 0  # unreadable lines (e.g. a torn last line while the run writes)
+    duplicates: int = 0  # records superseded by a later record with the same id
+
+    @property
+    def ok(self) -> list[ImageEntry]:
+        return [e for e in self.entries if e.ok]
+
+    @property
+    def failed(self) -> list[ImageEntry]:
+        return [e for e in self.entries if not e.ok]
+
+
+@dataclass
+class LayerStats:
+    name: str
+    shape: list[int]  # (h, w, k) when known
+    channels: int
+    mean: float | None  # mean over channels of the per-channel means
+    max: float | None
+    zero_fraction: float | None
+    dead: list[int]
+    count: int | None
+
+    @property
+    def dead_text(self) -> str:
+        return compress_ranges(self.dead)
+
+
+@dataclass
+class OutputRow:
+    name: str
+    role: str
+    shape: str
+    layer: str | None
+
+
+@dataclass
+class RunInfo:
+    model: str | None
+    spec: dict[str, Any] | None
+    settings: dict[str, Any]
+    summary: dict[str, Any]  # run.json "summary" (total, ok, failed, seconds, device, ...)
+    timings: dict[str, Any]
+    extra: dict[str, Any]  # any other top-level keys of run.json
+    assets: dict[str, Any]  # assets/assets.json (the asset sink's settings), if any
+    class_names: list[str]
+
+    def class_name(self, index: int | None) -> str:
+        if index is None:
+            return ""
+        if 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return f"class {index}"
+
+
+@dataclass
+class ConfusionCell:
+    count: int
+    level: int  # 0..HEAT_LEVELS-1 (row-normalised), for a CSS class
+    diagonal: bool
+
+
+@dataclass
+class ConfusionRow:
+    index: int
+    name: str
+    total: int
+    cells: list[ConfusionCell]
+
+
+@dataclass
+class ConfusedPair:
+    true_index: int
+    true_name: str
+    pred_index: int
+    pred_name: str
+    count: int
+
+
+@dataclass
+class Summary:
+    images: int
+    ok: int
+    failed: int
+    classes: int
+    labelled: int
+    correct: int
+    accuracy: float | None
+    topk: int
+    topk_accuracy: float | None
+    confusion_classes: list[tuple[int, str]] = field(default_factory=list)
+    confusion: list[ConfusionRow] = field(default_factory=list)
+    confused_pairs: list[ConfusedPair] = field(default_factory=list)
+
+
+# ---- readers ----------------------------------------------------------------------
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _int_or_none(v: Any) -> int | None:
+    try:
+        return None if v is None else int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _entry(rec: dict[str, Any], class_names: list[str]) -> ImageEntry:
+    preds: list[Prediction] = []
+    for p in rec.get("predictions") or []:
+        try:
+            idx = int(p["index"])
+            prob = float(p.get("prob", 0.0))
+        except (KeyError, TypeError, ValueError):
+            continue
+        name = p.get("name")
+        if not isinstance(name, str):
+            name = class_names[idx] if 0 <= idx < len(class_names) else f"class {idx}"
+        preds.append(Prediction(idx, name, prob))
+    preds.sort(key=lambda p: -p.prob)
+    path = str(rec.get("path") or "")
+    relpath = str(rec.get("relpath") or path or rec.get("id"))
+    ok = rec.get("status") == "ok"
+    error = rec.get("error")
+    label = rec.get("label")
+    return ImageEntry(
+        id=safe_id(str(rec["id"])),
+        path=path,
+        relpath=relpath,
+        ok=ok,
+        error=None if error is None else str(error),
+        width=_int_or_none(rec.get("width")),
+        height=_int_or_none(rec.get("height")),
+        predictions=preds if ok else [],
+        label=None if label is None else str(label),
+        label_index=_int_or_none(rec.get("label_index")),
+        cam_classes=[int(c) for c in rec.get("cam_classes") or [] if _int_or_none(c) is not None],
+        cam_methods=[str(m) for m in rec.get("cam_methods") or []],
+    )
+
+
+def read_results(path: Path, class_names: list[str]) -> Results:
+    """Read results.jsonl: the last record per id wins; unreadable lines are skipped.
+
+    Order: ok images by (relpath, id), then failed inputs by (relpath, id).  This is the
+    index's default order and the order of the image pages' previous/next links.
+    """
+    by_id: dict[str, ImageEntry] = {}
+    bad = dup = 0
+    if not path.exists():
+        return Results([], 0, 0)
+    with open(path, "rb") as f:
+        for raw in f:
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if not isinstance(rec, dict) or "id" not in rec:
+                bad += 1
+                continue
+            entry = _entry(rec, class_names)  # keep the small entry, not the record
+            if entry.id in by_id:
+                dup += 1
+                del by_id[entry.id]  # the newest record wins
+            by_id[entry.id] = entry
+    entries = list(by_id.values())
+    entries.sort(key=lambda e: (not e.ok, e.relpath, e.id))
+    return Results(entries, bad, dup)
+
+
+def read_run(outdir: Path) -> RunInfo:
+    """run.json: ``model_path`` (or ``model``), ``spec``, ``settings``, ``summary``; any other
+    top-level keys are kept in ``extra``.  Missing (e.g. while a run is going) -> empty."""
+    doc = read_json(outdir / RUN_JSON)
+    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else None
+    names = [str(n) for n in (spec or {}).get("class_names") or []]
+    known = {"model", "model_path", "spec", "settings", "summary", "counts", "timings"}
+
+    def as_dict(v: Any) -> dict[str, Any]:
+        return v if isinstance(v, dict) else {}
+
+    settings = as_dict(doc.get("settings"))
+    model = doc.get("model_path") or doc.get("model") or settings.get("model")
+    summary = {**as_dict(doc.get("counts")), **as_dict(doc.get("summary"))}
+    return RunInfo(
+        model=None if model is None else str(model),
+        spec=spec,
+        settings=settings,
+        summary=summary,
+        timings=as_dict(doc.get("timings")),
+        extra={k: v for k, v in sorted(doc.items()) if k not in known},
+        assets=read_json(outdir / ASSETS_DIR / ASSETS_JSON),
+        class_names=names,
+    )
+
+
+def _mean(values: Any) -> float | None:
+    if not isinstance(values, list) or not values:
+        return None
+    try:
+        xs = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    return sum(xs) / len(xs)
+
+
+def _max(values: Any) -> float | None:
+    if isinstance(values, (int, float)):
+        return float(values)
+    if not isinstance(values, list) or not values:
+        return None
+    try:
+        return max(float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+
+
+def layer_order(spec: dict[str, Any] | None) -> list[tuple[str, list[int]]]:
+    """Exposed layers in the spec's output order, with their (h, w, k) shape when fixed."""
+    out: list[tuple[str, list[int]]] = []
+    for o in (spec or {}).get("outputs") or []:
+        if not isinstance(o, dict) or o.get("role") != "activation":
+            continue
+        name = o.get("layer") or str(o.get("name", "")).removeprefix("act/")
+        shape = o.get("shape") or []
+        dims = [d for d in shape[1:] if isinstance(d, int)]
+        out.append((str(name), dims if len(dims) == 3 else []))
+    return out
+
+
+def read_stats(outdir: Path, spec: dict[str, Any] | None) -> list[LayerStats]:
+    """stats.json per exposed layer, in the spec's layer order (then any others, sorted)."""
+    doc = read_json(outdir / STATS_JSON)
+    nested = doc.get("layers")
+    layers: dict[str, Any] = nested if isinstance(nested, dict) else doc
+    order = layer_order(spec)
+    names = [n for n, _ in order]
+    names += sorted(k for k, v in layers.items() if isinstance(v, dict) and k not in names)
+    spec_shapes = dict(order)
+    result = []
+    for name in names:
+        st = layers.get(name)
+        st = st if isinstance(st, dict) else {}
+        shape = [int(d) for d in st.get("shape") or [] if _int_or_none(d) is not None]
+        if len(shape) == 4:  # (N, h, w, k)
+            shape = shape[1:]
+        if len(shape) != 3:
+            shape = spec_shapes.get(name, [])
+        dead = sorted(int(c) for c in st.get("dead") or [] if _int_or_none(c) is not None)
+        means = st.get("mean")
+        channels = shape[-1] if shape else (len(means) if isinstance(means, list) else 0)
+        result.append(
+            LayerStats(
+                name=name,
+                shape=shape,
+                channels=channels,
+                mean=_mean(means),
+                max=_max(st.get("max")),
+                zero_fraction=_mean(st.get("zero_fraction")),
+                dead=dead,
+                count=_int_or_none(st.get("count")),
+            )
+        )
+    return result
+
+
+def outputs_table(spec: dict[str, Any] | None) -> list[OutputRow]:
+    rows = []
+    for o in (spec or {}).get("outputs") or []:
+        if not isinstance(o, dict):
+            continue
+        shape = " × ".join(str(d) for d in o.get("shape") or [])
+        layer = o.get("layer")
+        rows.append(
+            OutputRow(
+                str(o.get("name", "")),
+                str(o.get("role", "")),
+                shape,
+                None if layer is None else str(layer),
+            )
+        )
+    return rows
+
+
+# ---- assets present --------------------------------------------------------------
+def list_dir(path: Path) -> set[str]:
+    try:
+        with os.scandir(path) as it:
+            return {e.name for e in it if not e.name.startswith(".")}
+    except OSError:
+        return set()
+
+
+@dataclass
+class AssetIndex:
+    """Which per-image asset files and folders exist (one scandir per folder)."""
+
+    root: Path
+    thumbs: set[str]
+    cam_dirs: set[str]
+    grid_dirs: set[str]
+
+    @classmethod
+    def scan(cls, outdir: Path) -> AssetIndex:
+        root = outdir / ASSETS_DIR
+        return cls(
+            root,
+            list_dir(root / THUMBS_DIR),
+            list_dir(root / CAMS_DIR),
+            list_dir(root / GRIDS_DIR),
+        )
+
+    def thumb(self, image_id: str) -> str | None:
+        name = f"{image_id}.jpg"
+        return f"{ASSETS_DIR}/{THUMBS_DIR}/{name}" if name in self.thumbs else None
+
+    def cams(self, image_id: str) -> set[str]:
+        return list_dir(self.root / CAMS_DIR / image_id) if image_id in self.cam_dirs else set()
+
+    def grids(self, image_id: str) -> set[str]:
+        return list_dir(self.root / GRIDS_DIR / image_id) if image_id in self.grid_dirs else set()
+
+    @staticmethod
+    def cam_path(image_id: str, method: str, cls: int) -> str:
+        return f"{ASSETS_DIR}/{CAMS_DIR}/{image_id}/{cam_file_name(method, cls)}"
+
+    @staticmethod
+    def grid_path(image_id: str, layer: str) -> str:
+        return f"{ASSETS_DIR}/{GRIDS_DIR}/{image_id}/{grid_file_name(layer)}"
+
+
+# ---- summary ----------------------------------------------------------------------
+def heat_level(fraction: float) -> int:
+    if fraction <= 0:
+        return 0
+    return min(HEAT_LEVELS - 1, 1 + int(fraction * (HEAT_LEVELS - 1)))
+
+
+def summarise(results: Results, run: RunInfo) -> Summary:
+    ok = [e for e in results.entries if e.ok]
+    labelled = [e for e in ok if e.label_index is not None and e.predictions]
+    correct = sum(1 for e in labelled if e.correct)
+    topk = max((len(e.predictions) for e in ok), default=0)
+    in_topk = sum(1 for e in labelled if any(p.index == e.label_index for p in e.predictions))
+    n_classes = len(run.class_names) or len(
+        {p.index for e in ok for p in e.predictions} | {e.label_index for e in labelled}
+    )
+    s = Summary(
+        images=len(results.entries),
+        ok=len(ok),
+        failed=len(results.entries) - len(ok),
+        classes=n_classes,
+        labelled=len(labelled),
+        correct=correct,
+        accuracy=correct / len(labelled) if labelled else None,
+        topk=topk,
+        topk_accuracy=in_topk / len(labelled) if labelled and topk > 1 else None,
+    )
+    if not labelled:
+        return s
+    pairs: Counter[tuple[int, int]] = Counter()
+    names: dict[int, str] = {}
+    for e in labelled:
+        assert e.label_index is not None and e.top is not None
+        pairs[(e.label_index, e.top.index)] += 1
+        names.setdefault(e.top.index, e.top.name)
+        if e.label is not None:
+            names.setdefault(e.label_index, e.label)
+
+    def name(i: int) -> str:
+        return run.class_name(i) if i < len(run.class_names) else names.get(i, f"class {i}")
+
+    classes = sorted({t for t, _ in pairs} | {p for _, p in pairs})
+    if len(classes) <= CONFUSION_MAX_CLASSES:
+        s.confusion_classes = [(c, name(c)) for c in classes]
+        for t in classes:
+            total = sum(pairs[(t, p)] for p in classes)
+            cells = []
+            for p in classes:
+                n = pairs[(t, p)]
+                cells.append(ConfusionCell(n, heat_level(n / total if total else 0.0), t == p))
+            s.confusion.append(ConfusionRow(t, name(t), total, cells))
+    wrong = [(n, t, p) for (t, p), n in pairs.items() if t != p]
+    wrong.sort(key=lambda x: (-x[0], x[1], x[2]))
+    s.confused_pairs = [
+        ConfusedPair(t, name(t), p, name(p), n) for n, t, p in wrong[:CONFUSED_PAIRS]
+    ]
+    return s
+
+
+# ---- formatting helpers ----------------------------------------------------------
+def compress_ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0–2, 5, 7–8"."""
+    out: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if i == j else f"{values[i]}–{values[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def fmt_num(v: Any) -> str:
+    """Short human form of a number (or pass other values through as JSON)."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        if v == 0:
+            return "0"
+        if abs(v) >= 1e5 or abs(v) < 1e-3:
+            return f"{v:.3e}"
+        return f"{v:.4g}"
+    if v is None:
+        return "—"
+    if isinstance(v, str):
+        return v
+    return json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dict -> [("a.b", "value")], values formatted with :func:`fmt_num`."""
+    rows: list[tuple[str, str]] = []
+    for k in sorted(d, key=str):
+        v = d[k]
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            rows.extend(flatten(v, key + "."))
+        elif isinstance(v, list) and len(v) > 12:
+            rows.append((key, f"[{len(v)} values] " + fmt_num(v[:12])[:-1] + ", …]"))
+        else:
+            rows.append((key, fmt_num(v)))
+    return rows

@@ -1,0 +1,577 @@
+"""Fast tests of convlens.reports (no browser): assets, escaping, CSP, idempotence."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import weakref
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from convlens.engine.contract import ModelSpec
+from convlens.engine.sinks import ImageOutcome
+from convlens.reports import ReportAssetSink, render_report
+from convlens.reports import assets as A
+
+from report_fixtures import ODD_CLASS, XSS_NAME, FakeRun, make_fake_run
+
+CSP = (
+    "default-src 'none'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "base-uri 'none'; form-action 'none'"
+)
+PAGE_SIZE = 10
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> FakeRun:
+    root = tmp_path_factory.mktemp("reports")
+    run = make_fake_run(root / "out", 24, grid_sample=4, n_failed=3, batch_size=5)
+    render_report(run.outdir, page_size=PAGE_SIZE)
+    return run
+
+
+def _text_files(outdir: Path) -> list[Path]:
+    return sorted(p for p in outdir.rglob("*") if p.suffix in (".html", ".js", ".css"))
+
+
+def _snapshot(outdir: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(outdir)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(outdir.rglob("*"))
+        if p.is_file()
+    }
+
+
+class _Audit(HTMLParser):
+    """Collects what matters for escaping/CSP: tags, attributes, inline script bodies."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.in_script = False
+        self.script_bodies: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag == "script":
+            self.in_script = True
+            self.script_bodies.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "script":
+            self.in_script = False
+
+    def handle_data(self, data: str) -> None:
+        if self.in_script:
+            self.script_bodies[-1] += data
+        else:
+            self.text.append(data)
+
+
+def _audit(path: Path) -> _Audit:
+    a = _Audit()
+    a.feed(path.read_text(encoding="utf-8"))
+    a.close()
+    return a
+
+
+def _gallery(outdir: Path) -> dict[str, Any]:
+    js = (outdir / "static" / "gallery-data.js").read_text(encoding="ascii")
+    prefix = "window.CONVLENS_GALLERY = "
+    assert js.startswith(prefix) and js.endswith(";\n")
+    doc: dict[str, Any] = json.loads(js[len(prefix) : -2])
+    return doc
+
+
+# ---- files ---------------------------------------------------------------------------
+def test_outdir_layout(fake: FakeRun) -> None:
+    out = fake.outdir
+    for name in (
+        "index.html",
+        "model.html",
+        "static/report.css",
+        "static/report.js",
+        "static/gallery-data.js",
+        "static/cmap-turbo.png",
+        "static/cmap-viridis.png",
+        "assets/assets.json",
+    ):
+        assert (out / name).is_file(), name
+    ok_ids = {r["id"] for r in fake.ok_records}
+    assert {p.stem for p in (out / "images").glob("*.html")} == ok_ids
+    assert {p.stem for p in (out / "assets" / "thumbs").glob("*.jpg")} == ok_ids
+    for r in fake.ok_records:
+        cams = {p.name for p in (out / "assets" / "cams" / r["id"]).iterdir()}
+        assert cams == {f"{m}_{c}.jpg" for m in r["cam_methods"] for c in r["cam_classes"]}
+    assert sorted(p.name for p in (out / "assets" / "class_cams").iterdir())
+    manifest = json.loads((out / "assets" / "assets.json").read_text())
+    assert manifest["complete"] is True
+    assert manifest["counts"]["thumbnails"] == len(ok_ids)
+    assert manifest["counts"]["errors"] == 3
+
+
+def test_thumbnail_and_overlay_sizes(fake: FakeRun) -> None:
+    r = fake.ok_records[0]
+    thumb = cv2.imread(str(fake.outdir / "assets" / "thumbs" / f"{r['id']}.jpg"))
+    assert thumb is not None
+    h, w = thumb.shape[:2]
+    longest = max(r["width"], r["height"])
+    assert max(h, w) == min(256, longest)
+    for m in r["cam_methods"]:
+        ov = cv2.imread(
+            str(fake.outdir / "assets" / "cams" / r["id"] / f"{m}_{r['cam_classes'][0]}.jpg")
+        )
+        assert ov is not None and ov.shape[:2] == (h, w)
+
+
+def test_grid_files_match_geometry(fake: FakeRun) -> None:
+    rid = fake.grid_ids[0]
+    for name, s, k in [("conv1", 56, 16), ("conv4", 7, 128)]:
+        img = cv2.imread(str(fake.outdir / "assets" / "grids" / rid / f"{name}.png"))
+        assert img is not None
+        assert img.shape[:2] == A.grid_shape(s, s, k)
+
+
+# ---- escaping, CSP, no network ------------------------------------------------------
+def test_hostile_names_are_text_everywhere(fake: FakeRun) -> None:
+    raw_markup = ["<img src=x onerror", "<svg onload", "<b>", "<i>CNN"]
+    for path in _text_files(fake.outdir):
+        text = path.read_text(encoding="utf-8")
+        for bad in raw_markup:
+            assert bad not in text, f"{bad!r} unescaped in {path}"
+    # the gallery data has no markup characters at all, but the name survives as data
+    js = (fake.outdir / "static" / "gallery-data.js").read_text(encoding="ascii")
+    assert "<" not in js and ">" not in js
+    gallery = _gallery(fake.outdir)
+    assert any(item[1].endswith(XSS_NAME) for item in gallery["items"])
+    assert ODD_CLASS in gallery["classes"]
+    # the image page of the XSS-named file shows its name as text
+    rec = fake.record_named(XSS_NAME)
+    page = fake.outdir / "images" / f"{rec['id']}.html"
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in page.read_text(encoding="utf-8")
+    audit = _audit(page)
+    assert any(XSS_NAME in t for t in audit.text)
+    assert not any(tag == "img" and attrs.get("src") == "x" for tag, attrs in audit.tags)
+    # failed inputs' names and reasons appear escaped on the index
+    index = (fake.outdir / "index.html").read_text(encoding="utf-8")
+    assert "&lt;svg onload=alert(2)&gt;.png" in index
+    model = (fake.outdir / "model.html").read_text(encoding="utf-8")
+    assert "odd &lt;b&gt;&amp;&#34;&#39; class" in model
+
+
+def test_csp_and_no_inline_script_or_handlers(fake: FakeRun) -> None:
+    pages = sorted(fake.outdir.rglob("*.html"))
+    assert len(pages) == len(fake.ok_records) + 2
+    for page in pages:
+        audit = _audit(page)
+        metas = [
+            a
+            for t, a in audit.tags
+            if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"
+        ]
+        assert [m.get("content") for m in metas] == [CSP], page
+        for tag, attrs in audit.tags:
+            handlers = [k for k in attrs if k.startswith("on")]
+            assert not handlers, (page, tag, handlers)
+            assert "style" not in attrs, (page, tag)
+            if tag == "script":
+                assert attrs.get("src"), page
+            for key in ("href", "src"):
+                v = attrs.get(key)
+                if v is not None:
+                    assert not re.match(r"^[a-z][a-z0-9+.-]*:|^//|^/", v, re.I), (page, v)
+        assert all(not b.strip() for b in audit.script_bodies), page
+        assert "<style" not in page.read_text(encoding="utf-8")
+
+
+def test_no_network_urls(fake: FakeRun) -> None:
+    for path in _text_files(fake.outdir):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"https?://", text), path
+        assert "@import" not in text and "url(" not in text, path
+
+
+# ---- render ------------------------------------------------------------------------
+def test_render_is_idempotent(fake: FakeRun, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(fake.outdir, out)
+    render_report(out, page_size=PAGE_SIZE)
+    first = _snapshot(out)
+    render_report(out, page_size=PAGE_SIZE)
+    assert _snapshot(out) == first
+    # and a fresh render from the run's own files gives the same report
+    for p in ("index.html", "model.html", "images", "static", "assets/class_cams"):
+        target = out / p
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    render_report(out, page_size=PAGE_SIZE)
+    assert _snapshot(out) == first
+
+
+def test_stale_image_pages_are_removed(fake: FakeRun, tmp_path: Path) -> None:
+    out = tmp_path / "stale"
+    shutil.copytree(fake.outdir, out)
+    stale = out / "images" / "deadbeefdeadbeef.html"
+    stale.write_text("old")
+    render_report(out, page_size=PAGE_SIZE)
+    assert not stale.exists()
+    assert len(list((out / "images").iterdir())) == len(fake.ok_records)
+
+
+def test_gallery_data(fake: FakeRun) -> None:
+    g = _gallery(fake.outdir)
+    assert g["pageSize"] == PAGE_SIZE
+    assert g["fields"] == ["id", "relpath", "pred", "prob", "label", "thumb", "overlay", "error"]
+    items = g["items"]
+    assert len(items) == len(fake.records)
+    ok = [i for i in items if i[7] == ""]
+    failed = [i for i in items if i[7] != ""]
+    assert len(failed) == 3 and all(i[2] == -1 for i in failed)
+    assert [i[1] for i in ok] == sorted(i[1] for i in ok)  # default order: relpath
+    assert all(i[5] == 1 and i[6] == 0 for i in ok)  # thumbnail and overlay present
+    assert g["overlays"] == ["cam"]
+
+
+def test_image_pages_navigation_and_content(fake: FakeRun) -> None:
+    g = _gallery(fake.outdir)
+    order = [i[0] for i in g["items"] if i[7] == ""]
+    by_id = {r["id"]: r for r in fake.ok_records}
+    for pos, rid in enumerate(order):
+        audit = _audit(fake.outdir / "images" / f"{rid}.html")
+        rels = {a.get("rel"): a.get("href") for t, a in audit.tags if t == "a" and a.get("rel")}
+        assert rels.get("prev") == (f"{order[pos - 1]}.html" if pos else None)
+        assert rels.get("next") == (f"{order[pos + 1]}.html" if pos + 1 < len(order) else None)
+        srcs = [str(a["src"]) for t, a in audit.tags if t == "img" and a.get("src")]
+        rec = by_id[rid]
+        assert f"../assets/thumbs/{rid}.jpg" in srcs
+        for m in rec["cam_methods"]:
+            for c in rec["cam_classes"]:
+                assert f"../assets/cams/{rid}/{m}_{c}.jpg" in srcs
+        text = " ".join(audit.text)
+        for p in rec["predictions"]:
+            assert p["name"] in text
+        grids = [s for s in srcs if "/grids/" in s]
+        if rid in fake.grid_ids:
+            assert len(grids) == 4
+            assert "left out" not in text
+        else:
+            assert grids == []
+            assert "--grids all" in text
+        for layer in ("conv1", "conv2", "conv3", "conv4"):
+            assert layer in text
+        assert "dead channel" in text
+
+
+def test_index_structure_golden(fake: FakeRun) -> None:
+    """The index's skeleton (headings, summary figures, controls), volatile parts scrubbed."""
+    audit = _audit(fake.outdir / "index.html")
+    skeleton = []
+    for tag, attrs in audit.tags:
+        if tag in ("h1", "h2", "section", "select", "input", "button", "script", "table"):
+            keep = {k: v for k, v in attrs.items() if k in ("id", "class", "type", "src")}
+            skeleton.append((tag, tuple(sorted(keep.items()))))
+    text = re.sub(r"\s+", " ", " ".join(audit.text)).strip()
+    text = text.replace(str(fake.outdir.parent), "<TMP>")
+    assert skeleton == [
+        ("h1", ()),
+        ("section", (("class", "summary"),)),
+        ("section", (("class", "panel"),)),
+        ("h2", ()),
+        ("table", (("class", "confusion"),)),
+        ("section", (("class", "panel"), ("id", "gallery-section"))),
+        ("h2", ()),
+        ("select", (("id", "f-pred"),)),
+        ("select", (("id", "f-true"),)),
+        ("select", (("id", "f-outcome"),)),
+        ("select", (("id", "f-sort"),)),
+        ("input", (("id", "f-search"), ("type", "search"))),
+        ("input", (("id", "f-overlay"), ("type", "checkbox"))),
+        ("button", (("id", "pg-first"), ("type", "button"))),
+        ("button", (("id", "pg-prev"), ("type", "button"))),
+        ("button", (("id", "pg-next"), ("type", "button"))),
+        ("button", (("id", "pg-last"), ("type", "button"))),
+        ("section", (("class", "panel"), ("id", "failed"))),
+        ("h2", ()),
+        ("table", (("class", "data failed-table"),)),
+        ("section", (("class", "panel facts"),)),
+        ("h2", ()),
+        ("script", (("src", "static/gallery-data.js"),)),
+        ("script", (("src", "static/report.js"),)),
+    ]
+    assert text.startswith(
+        "convlens report: fake_cnn.onnx convlens Images Model fake_cnn.onnx "
+        "convlens report: fake_cnn.onnx 27 images 24 analysed 3 failed 6 classes"
+    ), text
+    assert "Failed inputs (3)" in text
+    assert "Model <TMP>/fake_cnn.onnx Grid policy sample" in text
+    assert "top-1 accuracy (" in text and "Confusion matrix" in text
+
+
+def test_partial_last_line_and_missing_optional_files(fake: FakeRun, tmp_path: Path) -> None:
+    out = tmp_path / "partial"
+    shutil.copytree(fake.outdir, out)
+    with open(out / "results.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"id": "ffffffffffffffff", "path": "/x/half.jp')
+    (out / "class_cams.npz").unlink()
+    (out / "stats.json").unlink()
+    shutil.rmtree(out / "assets" / "grids")
+    index = render_report(out)
+    text = index.read_text(encoding="utf-8")
+    assert "1 unreadable line in results.jsonl" in text
+    assert len(_gallery(out)["items"]) == len(fake.records)
+    model = (out / "model.html").read_text(encoding="utf-8")
+    assert "Mean CAM per predicted class" not in model
+    # layer names still come from the spec
+    page = (out / "images" / f"{fake.ok_records[0]['id']}.html").read_text(encoding="utf-8")
+    assert "conv4" in page and "--grids all" in page
+
+
+def test_render_without_assets_or_spec(tmp_path: Path) -> None:
+    out = tmp_path / "bare"
+    out.mkdir()
+    recs = [
+        {
+            "id": "00000000000000aa",
+            "path": "/a.jpg",
+            "relpath": "a.jpg",
+            "status": "ok",
+            "error": None,
+            "width": 10,
+            "height": 10,
+            "predictions": [{"index": 0, "name": "x", "prob": 0.9}],
+            "label": None,
+            "label_index": None,
+            "maps": None,
+            "cam_classes": [0],
+            "cam_methods": ["cam"],
+        },
+        {
+            "id": "../../evil",
+            "path": "/b.jpg",
+            "relpath": "b.jpg",
+            "status": "error",
+            "error": "boom",
+        },
+    ]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    index = render_report(out)
+    assert index.exists()
+    assert (out / "images" / "00000000000000aa.html").exists()
+    assert not (tmp_path / "evil").exists()
+    assert "accuracy (no labels)" in index.read_text(encoding="utf-8")
+    with pytest.raises(FileNotFoundError):
+        render_report(tmp_path / "nothing")
+
+
+# ---- the sink ----------------------------------------------------------------------
+def _spec() -> ModelSpec:
+    from report_fixtures import _spec as spec
+
+    return spec(6)
+
+
+def _record(
+    i: int, *, label: int | None, top: int, prob: float, status: str = "ok"
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "id": f"{i:016x}",
+        "path": f"/in/{i}.jpg",
+        "relpath": f"{i}.jpg",
+        "status": status,
+    }
+    if status == "ok":
+        rec.update(
+            predictions=[
+                {"index": top, "name": str(top), "prob": prob},
+                {"index": (top + 1) % 6, "name": "o", "prob": (1 - prob) / 2},
+            ],
+            label=None if label is None else str(label),
+            label_index=label,
+        )
+    else:
+        rec["error"] = "bad"
+    return rec
+
+
+def _outcome(rec: dict[str, Any], rng: np.random.Generator) -> ImageOutcome:
+    if rec["status"] != "ok":
+        return ImageOutcome(record=rec)
+    return ImageOutcome(
+        record=rec,
+        image=rng.integers(0, 255, (40, 60, 3), dtype=np.uint8),
+        maps={("cam", 0): rng.random((5, 5), dtype=np.float32)},
+        activations={
+            "l1": rng.random((6, 6, 5), dtype=np.float32),
+            "weird/name": rng.random((3, 3, 3), dtype=np.float32),
+        },
+    )
+
+
+def _drive(tmp: Path, grids: str, grid_sample: int, recs: list[dict[str, Any]]) -> set[str]:
+    sink = ReportAssetSink(grids=grids, grid_sample=grid_sample, thumb_size=32)
+    sink.open(tmp, _spec(), {})
+    rng = np.random.default_rng(0)
+    for s in range(0, len(recs), 3):  # batches of 3
+        sink.on_batch([_outcome(r, rng) for r in recs[s : s + 3]])
+    sink.close({})
+    gdir = tmp / "assets" / "grids"
+    return {p.name for p in gdir.iterdir() if any(p.iterdir())}
+
+
+def _policy_records() -> list[dict[str, Any]]:
+    return [
+        _record(0, label=None, top=1, prob=0.9),
+        _record(1, label=1, top=1, prob=0.9, status="error"),  # errors do not count
+        _record(2, label=1, top=1, prob=0.9),
+        _record(3, label=1, top=1, prob=0.9),  # 3rd ok image: outside grid_sample=2
+        _record(4, label=2, top=1, prob=0.95),  # misclassified
+        _record(5, label=None, top=3, prob=0.45),  # low confidence, unlabelled
+        _record(6, label=3, top=3, prob=0.49),  # low confidence, correct
+        _record(7, label=3, top=3, prob=0.5),  # exactly 0.5 is not low
+        _record(8, label=None, top=0, prob=0.99),
+    ]
+
+
+def test_grid_policy_sample(tmp_path: Path) -> None:
+    got = _drive(tmp_path, "sample", 2, _policy_records())
+    assert got == {f"{i:016x}" for i in (0, 2, 4, 5, 6)}
+    layer_files = sorted(p.name for p in (tmp_path / "assets" / "grids" / f"{0:016x}").iterdir())
+    assert layer_files == sorted([A.grid_file_name("l1"), A.grid_file_name("weird/name")])
+    assert "/" not in A.grid_file_name("weird/name")
+
+
+def test_grid_policy_all_and_none(tmp_path: Path) -> None:
+    ok_ids = {r["id"] for r in _policy_records() if r["status"] == "ok"}
+    assert _drive(tmp_path / "all", "all", 0, _policy_records()) == ok_ids
+    assert _drive(tmp_path / "none", "none", 100, _policy_records()) == set()
+    with pytest.raises(ValueError):
+        ReportAssetSink(grids="some")
+
+
+def test_fixture_grid_policy_matches_sink(fake: FakeRun) -> None:
+    written = {p.name for p in (fake.outdir / "assets" / "grids").iterdir()}
+    assert written == set(fake.grid_ids)
+    assert len(written) < len(fake.ok_records)
+
+
+def test_sample_count_continues_on_resume(tmp_path: Path) -> None:
+    recs = [_record(i, label=None, top=0, prob=0.9) for i in range(4)]
+    assert _drive(tmp_path, "sample", 3, recs[:2]) == {f"{i:016x}" for i in (0, 1)}
+    # a resumed run: two thumbnails exist, so only one more image is in the sample
+    assert _drive(tmp_path, "sample", 3, recs[2:]) == {f"{i:016x}" for i in (0, 1, 2)}
+
+
+def test_errors_write_nothing_and_no_temp_files(tmp_path: Path) -> None:
+    recs = [_record(i, label=None, top=0, prob=0.9, status="error") for i in range(3)]
+    _drive(tmp_path, "all", 0, recs)
+    files = [p for p in (tmp_path / "assets").rglob("*") if p.is_file()]
+    assert [p.name for p in files] == ["assets.json"]
+    _drive(tmp_path / "b", "all", 0, _policy_records())
+    leftovers = [
+        p for p in (tmp_path / "b").rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"
+    ]
+    assert leftovers == []
+
+
+def test_fixture_left_no_temp_files(fake: FakeRun) -> None:
+    leftovers = [
+        p for p in fake.outdir.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")
+    ]
+    assert leftovers == []
+
+
+def test_atomic_write_failure_keeps_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "x.jpg"
+    target.write_bytes(b"old")
+
+    def boom(src: Any, dst: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(A.os, "replace", boom)
+    with pytest.raises(OSError):
+        A.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jpg"]
+
+
+def test_sink_keeps_no_arrays(tmp_path: Path) -> None:
+    sink = ReportAssetSink(grids="all", thumb_size=32)
+    sink.open(tmp_path, _spec(), {})
+    rng = np.random.default_rng(1)
+    outcome = _outcome(_record(1, label=0, top=0, prob=0.9), rng)
+    refs = [weakref.ref(outcome.image)] if outcome.image is not None else []
+    refs += [weakref.ref(a) for a in outcome.maps.values()]
+    refs += [weakref.ref(a) for a in outcome.activations.values()]
+    sink.on_batch([outcome])
+    del outcome
+    assert all(r() is None for r in refs)
+    sink.close({})
+
+
+# ---- asset functions ---------------------------------------------------------------
+def test_activation_grid_layout_and_normalisation() -> None:
+    k = 20
+    act = np.zeros((7, 7, k), np.float32)
+    act[:, :, 1] = np.arange(49, dtype=np.float32).reshape(7, 7)  # a ramp
+    img = A.activation_grid(act)
+    th, tw = A.tile_size(7, 7)
+    assert (th, tw) == (49, 49)
+    assert img.shape[:2] == A.grid_shape(7, 7, k) == (2 * 49 + 1, 16 * 50 - 1)
+    white = np.array(A.GRID_GAP_BGR, np.uint8)
+    assert (img[:, 49] == white).all() and (img[49, :] == white).all()
+    assert (img[50:, 4 * 50 :] == white).all()  # padding cells of the last row
+    lut = A.colormap_lut(A.GRID_COLORMAP)
+    # a constant channel maps to 128; a ramp's first/last pixels to low/high values
+    assert (img[0, 0] == lut[128]).all()
+    ramp = img[:49, 50:99]
+    u8 = A.normalise_channels(act)[:, :, 1]
+    assert (ramp[0, 0] == lut[u8[0, 0]]).all() and (ramp[-1, -1] == lut[u8[-1, -1]]).all()
+    assert u8[0, 0] < 30 and u8[-1, -1] > 225
+    # nearest-neighbour upscaling: each 7x7 block is constant
+    assert (ramp[:7, :7] == ramp[0, 0]).all()
+
+
+def test_tile_sizes() -> None:
+    assert A.tile_size(7, 7) == (49, 49)
+    assert A.tile_size(14, 14) == (56, 56)
+    assert A.tile_size(75, 75) == (75, 75)
+    assert A.tile_size(224, 224) == (128, 128)
+    big = A.activation_grid(np.random.default_rng(0).random((224, 224, 3), dtype=np.float32))
+    assert big.shape[:2] == (128, 3 * 129 - 1)
+
+
+def test_cam_overlay_blends_heatmap() -> None:
+    base = np.full((30, 40, 3), 100, np.uint8)
+    raw = np.zeros((5, 5), np.float32)
+    raw[0, 0] = 3.0
+    out = A.cam_overlay(base, raw)
+    assert out.shape == base.shape
+    lut = A.colormap_lut(A.CAM_COLORMAP)
+    expected_hot = (0.5 * base[0, 0] + 0.5 * lut[255].astype(float)).round()
+    assert np.abs(out[0, 0].astype(float) - expected_hot).max() <= 1
+    expected_cold = (0.5 * base[-1, -1] + 0.5 * lut[0].astype(float)).round()
+    assert np.abs(out[-1, -1].astype(float) - expected_cold).max() <= 1
+    flat = A.cam_overlay(base, np.zeros((5, 5), np.float32))  # constant map: all zero
+    assert np.abs(flat[0, 0].astype(float) - expected_cold).max() <= 1
+
+
+def test_safe_names() -> None:
+    assert A.safe_id("3f2a0011deadbeef") == "3f2a0011deadbeef"
+    for hostile in ("../../etc/passwd", "a/b", ".hidden", "<img>", "", "x" * 300):
+        s = A.safe_name(hostile)
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", s), s
+        assert len(s) <= 64
+    assert A.safe_name("a/b") != A.safe_name("a_b")
+    assert A.safe_name("block1_conv1") == "block1_conv1"
