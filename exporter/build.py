@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,9 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
         import tf2onnx
     except ImportError as exc:
         raise ExportError("exporting needs tf2onnx: pip install 'convlens[export]'") from exc
+    tf2onnx_log = logging.getLogger("tf2onnx")
+    level = tf2onnx_log.level
+    tf2onnx_log.setLevel(logging.CRITICAL)  # unsupported ops are reported below, together
     try:
         model_proto, _ = tf2onnx.convert.from_function(fn, input_signature=sig, opset=OPSET)
     except Exception as exc:
@@ -113,6 +117,14 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
         raise ExportError(
             f"tf2onnx could not convert the model: {msg[0] if msg else type(exc).__name__}"
         ) from exc
+    finally:
+        tf2onnx_log.setLevel(level)
+    unconverted = unconverted_ops(model_proto)
+    if unconverted:
+        raise ExportError(
+            "tf2onnx cannot convert these TensorFlow ops: "
+            + "; ".join(f"{op} (in {', '.join(where[:3])})" for op, where in unconverted.items())
+        )
     graph = model_proto.graph
     if len(graph.output) != len(names):
         raise ExportError(
@@ -130,6 +142,23 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
         o.name = rename[o.name]
     _name_dynamic_dims(graph)
     return model_proto
+
+
+def unconverted_ops(model_proto: Any) -> dict[str, list[str]]:
+    """Ops tf2onnx left as TensorFlow ops (no ONNX schema): op type -> node names."""
+    import onnx
+
+    found: dict[str, list[str]] = {}
+    for node in model_proto.graph.node:
+        domain = node.domain or ""
+        if domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type, domain):
+            found.setdefault(node.op_type, []).append(_layer_of(node.name))
+    return found
+
+
+def _layer_of(node_name: str) -> str:
+    parts = node_name.split("/")
+    return "/".join(parts[:-1]) if len(parts) > 1 else node_name
 
 
 def _name_dynamic_dims(graph: Any) -> None:

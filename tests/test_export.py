@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -256,3 +257,57 @@ def test_savedmodel_without_keras_metadata(tmp_path: Path) -> None:
     m.export(str(tmp_path / "sm"), verbose=False)
     with pytest.raises(ExportError, match="without Keras layer metadata"):
         load_keras_model(tmp_path / "sm")
+
+
+def test_keras2_savedmodel(tmp_path: Path) -> None:
+    """A tf.keras (Keras 2) SavedModel carries its layers; tf_keras reads it."""
+    require_tf()
+    import tf_keras
+    from tf_keras import layers
+
+    from convlens.exporter.export import export_model
+
+    tf_keras.utils.set_random_seed(0)
+    m = tf_keras.Sequential(
+        [
+            layers.Input((24, 24, 3)),
+            layers.Conv2D(4, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(6, 3, activation="relu", name="last"),
+            layers.Flatten(),
+            layers.Dense(8, activation="relu"),
+            layers.Dense(3, activation="softmax"),
+        ]
+    )
+    m.save(str(tmp_path / "sm"), save_format="tf")
+    r = export_model(tmp_path / "sm", tmp_path / "sm.onnx")
+    assert r.spec.head.kind == "dense" and r.spec.cam_layer == "last"
+    assert r.spec.parity["passed"]
+    assert r.spec.parity["outputs"]["gradients_vs_gradienttape"]["score"] < 1e-5
+    x = np.random.default_rng(0).random((2, 24, 24, 3), np.float32)
+    got = _ort(r.path, {C.IN_IMAGE: x, C.IN_TARGETS: np.full((2, 1), -1, np.int64)})
+    _close(m.predict(x, verbose=0), got[C.OUT_PREDICTIONS])
+
+
+def test_ops_tf2onnx_cannot_convert_are_listed(tmp_path: Path) -> None:
+    require_tf()
+    import keras
+    import tensorflow as tf
+    from keras import layers
+
+    from convlens.exporter.errors import ExportError
+    from convlens.exporter.export import export_loaded
+
+    class Special(layers.Layer):
+        def call(self, x: Any) -> Any:
+            return tf.math.digamma(x + 2.0) + tf.math.lgamma(x + 2.0)
+
+    inp = keras.Input((8, 8, 1))
+    h = Special(name="special")(layers.Conv2D(2, 3)(inp))
+    out = layers.Dense(2, activation="softmax")(layers.GlobalAveragePooling2D()(h))
+    with pytest.raises(
+        ExportError,
+        match=r"cannot convert these TensorFlow ops: .*(Digamma.*Lgamma|Lgamma.*Digamma)",
+    ):
+        export_loaded(keras.Model(inp, out), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
