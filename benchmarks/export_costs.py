@@ -36,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import onnxruntime as ort
-    import zoo
 
     from convlens.engine import contract as C
     from convlens.engine.runtime import session_options
     from convlens.exporter.export import export_model, export_plain
+
+    import zoo
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,13 +51,21 @@ def main(argv: list[str] | None = None) -> int:
             plain = export_plain(kpath, Path(tmp) / f"{name}.plain.onnx")
             spec = r.spec
             rng = np.random.default_rng(0)
-            x = rng.random((args.batch, spec.input.height, spec.input.width, spec.input.channels), np.float32)
-            a_sess = ort.InferenceSession(str(r.path), session_options(), providers=["CPUExecutionProvider"])
-            p_sess = ort.InferenceSession(str(plain), session_options(), providers=["CPUExecutionProvider"])
+            x = rng.random(
+                (args.batch, spec.input.height, spec.input.width, spec.input.channels), np.float32
+            )
+            a_sess = ort.InferenceSession(
+                str(r.path), session_options(), providers=["CPUExecutionProvider"]
+            )
+            p_sess = ort.InferenceSession(
+                str(plain), session_options(), providers=["CPUExecutionProvider"]
+            )
             a_names = [o.name for o in a_sess.get_outputs()]
             a_feeds = {C.IN_IMAGE: x}
             if spec.head.gradients_available:
-                a_feeds[C.IN_TARGETS] = np.tile(np.array([[-1, -2, -3][: spec.num_classes]]), (args.batch, 1))
+                a_feeds[C.IN_TARGETS] = np.tile(
+                    np.array([[-1, -2, -3][: spec.num_classes]]), (args.batch, 1)
+                )
             p_feeds = {C.IN_IMAGE: x}
             p_names = [o.name for o in p_sess.get_outputs()]
             for _ in range(2):  # warm up
