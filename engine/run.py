@@ -296,6 +296,16 @@ class Runner:
         todo = [f for f in found.files if image_id(f) not in done]
         skipped = len(found.files) - len(todo)
         settings = self._settings(inputs)
+        # the spec and settings are known now: a report rendered mid-run can use them
+        atomic_write_json(
+            self.outdir / "run.json",
+            {
+                "model_path": str(self.model_path),
+                "spec": asdict(self.spec),
+                "settings": settings,
+                "summary": None,
+            },
+        )
         for s in self.sinks:
             s.open(self.outdir, self.spec, settings)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import UnsupportedHead
-from .trace import Call
+from .trace import IDENTITY_KINDS, Call
 
 Rule = Callable[[Any, Call, Any], Any]
 RULES: dict[str, Rule] = {}
@@ -71,15 +71,7 @@ def activation_name(fn: Any) -> str:
     return str(name)
 
 
-@rule(
-    "Dropout",
-    "SpatialDropout2D",
-    "GaussianNoise",
-    "GaussianDropout",
-    "AlphaDropout",
-    "ActivityRegularization",
-    "Identity",
-)
+@rule(*IDENTITY_KINDS)
 def _identity(tf: Any, call: Call, g: Any) -> Any:
     return g
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from convlens import __version__
 from convlens.engine import contract as C
+from convlens.engine.results import atomic_write_bytes
 
 from .build import (
     add_constant_output,
@@ -132,7 +132,7 @@ def export_loaded(
         if out.suffix != ".onnx"
         else out.with_suffix(".parity.json")
     )
-    _atomic_write(parity_path, json.dumps(parity, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(parity_path, json.dumps(parity, indent=2, sort_keys=True).encode())
     if not parity["passed"]:
         bad = max(parity["outputs"].items(), key=lambda kv: kv[1]["score"])
         raise ExportError(
@@ -140,7 +140,7 @@ def export_loaded(
             f"(relative {bad[1]['score']:.3g} > tolerance {tolerance:g}); details in {parity_path}"
         )
     _set_metadata(proto, spec)
-    _atomic_write(out, proto.SerializeToString())
+    atomic_write_bytes(out, proto.SerializeToString())
     return ExportResult(
         path=out,
         parity_path=parity_path,
@@ -166,7 +166,7 @@ def export_plain(model_path: str | Path, out_path: str | Path) -> Path:
         proto = convert(tf, fn, sig, [C.OUT_PREDICTIONS])
     finally:
         recorder.restore()
-    _atomic_write(Path(out_path), proto.SerializeToString())
+    atomic_write_bytes(Path(out_path), proto.SerializeToString())
     return Path(out_path)
 
 
@@ -428,18 +428,4 @@ def _set_metadata(proto: Any, spec: C.ModelSpec) -> None:
     proto.producer_version = __version__
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-__all__ = ["ExportResult", "export_model", "export_loaded", "export_plain", "asdict"]
+__all__ = ["ExportResult", "export_loaded", "export_model", "export_plain"]

@@ -13,17 +13,7 @@ import numpy as np
 
 from .backward import activation_name, check_head
 from .errors import ExportError
-from .trace import CONV_KINDS, POST_CONV_KINDS, Call, Trace
-
-IDENTITY_KINDS = (
-    "Dropout",
-    "SpatialDropout2D",
-    "GaussianNoise",
-    "GaussianDropout",
-    "AlphaDropout",
-    "ActivityRegularization",
-    "Identity",
-)
+from .trace import CONV_KINDS, IDENTITY_KINDS, POST_CONV_KINDS, Call, Trace
 
 
 @dataclass

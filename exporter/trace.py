@@ -16,6 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONV_KINDS = ("Conv2D", "SeparableConv2D", "DepthwiseConv2D")
+# layers that are the identity at inference
+IDENTITY_KINDS = (
+    "Dropout",
+    "SpatialDropout2D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "ActivityRegularization",
+    "Identity",
+)
 # layers that directly follow a conv and belong to "its activation"
 POST_CONV_KINDS = ("BatchNormalization", "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU")
 
@@ -27,16 +37,10 @@ def layer_kind(layer: Any) -> str:
     """
     known = (
         *CONV_KINDS,
+        *IDENTITY_KINDS,
         "Dense",
         "Flatten",
         "Reshape",
-        "Dropout",
-        "SpatialDropout2D",
-        "GaussianNoise",
-        "GaussianDropout",
-        "AlphaDropout",
-        "ActivityRegularization",
-        "Identity",
         "GlobalAveragePooling2D",
         "GlobalMaxPooling2D",
         "MaxPooling2D",
