@@ -35,6 +35,7 @@ import numpy as np
 
 from . import contract as C
 from .cams import METHODS, normalize
+from .graph import stat_names, with_stats
 from .images import DEFAULT_MAX_PIXELS, ImageError, Preprocessor, discover, read_image
 from .results import (
     ResultsLog,
@@ -315,6 +316,7 @@ class Runner:
         self._pending_cams: dict[str, np.ndarray] = {}
         self._pending_ids: list[str] = []
         self._batches_since_flush = 0
+        self._acts_first_pass = bool(self.sinks)
         progress = Progress(len(todo), self.show_progress)
         processed = 0
         try:
@@ -334,7 +336,8 @@ class Runner:
 
     def _open_session(self) -> Session:
         try:
-            return open_session(self.model_path, self.opts.device, self.opts.threads)
+            model = with_stats(self.model_path, self.spec)
+            return open_session(model, self.opts.device, self.opts.threads)
         except Exception as exc:  # DeviceError or onnxruntime's own load failure
             raise RunError(str(exc).splitlines()[0]) from exc
 
@@ -448,8 +451,18 @@ class Runner:
 
     def _infer(self, sess: Session, x: np.ndarray, good: list[_Decoded]) -> list[ImageOutcome]:
         spec = self.spec
-        acts_names = [o.name for o in spec.activation_outputs]
-        names = [C.OUT_PREDICTIONS, *acts_names]
+        layers = [
+            (o.name, o.layer or "", tuple(int(v) for v in o.shape[1:]))
+            for o in spec.activation_outputs
+        ]
+        acts_names = [n for n, _, _ in layers]
+        names = [C.OUT_PREDICTIONS]
+        if spec.cam_output:
+            names.append(spec.cam_output)
+        for _, layer, _ in layers:
+            names += stat_names(layer)
+        if self._acts_first_pass:
+            names += [n for n in acts_names if n not in names]
         feeds: dict[str, np.ndarray] = {C.IN_IMAGE: x}
         targets = self._targets(len(x))
         if spec.head.gradients_available:
@@ -477,8 +490,9 @@ class Runner:
                 grads=out.get(C.OUT_GRADIENTS),
                 classes=classes,
             )
-        for name in acts_names:
-            self._pending_stats.update(name[len(C.ACT_PREFIX) :], out[name])
+        for _, layer, shape in layers:
+            s_sum, s_max, s_zero = (out[n] for n in stat_names(layer))
+            self._pending_stats.update_reduced(layer, shape, s_sum, s_max, s_zero)  # type: ignore[arg-type]
         if self.methods:
             first = normalize(maps[self.methods[0]][:, 0])  # (N, h, w) top-1 class
             for i in range(len(x)):
@@ -518,11 +532,43 @@ class Runner:
                 rec["maps"] = rel
             else:
                 rec["maps"] = None
-            acts_i = {n[len(C.ACT_PREFIX) :]: out[n][i] for n in acts_names} if self.sinks else {}
-            results.append(
-                ImageOutcome(record=rec, image=d.image, maps=per_image, activations=acts_i)
-            )
+            results.append(ImageOutcome(record=rec, image=d.image, maps=per_image))
+        self._attach_activations(sess, x, feeds, out, acts_names, results)
         return results
+
+    def _attach_activations(
+        self,
+        sess: Session,
+        x: np.ndarray,
+        feeds: dict[str, np.ndarray],
+        out: dict[str, np.ndarray],
+        acts_names: list[str],
+        results: list[ImageOutcome],
+    ) -> None:
+        """Give each outcome its activations if a sink wants them for that image.
+
+        A sink may say per image (``wants_activations(record)``, called once per ok
+        record, in order); without that method it gets them for every image.  The
+        activations come from the first pass when the previous batch wanted most of
+        them, else from a second pass over just the images that want them.
+        """
+        want = np.zeros(len(results), bool)
+        for s in self.sinks:
+            ask = getattr(s, "wants_activations", None)
+            for i, oc in enumerate(results):
+                if ask is None or ask(oc.record):
+                    want[i] = True
+        self._acts_first_pass = bool(want.mean() > 0.5) if len(want) else False
+        if not want.any():
+            return
+        rows = np.flatnonzero(want)
+        if all(n in out for n in acts_names):
+            acts = {n: out[n][rows] for n in acts_names}
+        else:
+            sub = {k: v[rows] for k, v in feeds.items()}
+            acts = dict(zip(acts_names, sess.session.run(acts_names, sub), strict=True))
+        for j, row in enumerate(rows.tolist()):
+            results[row].activations = {n[len(C.ACT_PREFIX) :]: a[j] for n, a in acts.items()}
 
     # -- statistics shards -------------------------------------------------------------
     def _flush_shard(self) -> None:

@@ -73,6 +73,21 @@ class LayerStats:
         self.count += n
         self.positions += flat.shape[0]
 
+    def update_reduced(self, sums: np.ndarray, maxes: np.ndarray, zeros: np.ndarray) -> None:
+        """Add a batch already reduced over positions: per image and channel ``(N, k)``
+        sums, maxima and counts of zeros (e.g. computed by onnxruntime in the graph)."""
+        n = sums.shape[0]
+        if n == 0:
+            return
+        k = self.shape[2]
+        if sums.shape != (n, k) or maxes.shape != (n, k) or zeros.shape != (n, k):
+            raise ValueError(f"expected reduced statistics (N, {k})")
+        self.sum += sums.sum(axis=0, dtype=np.float64)
+        np.maximum(self.max, maxes.max(axis=0), out=self.max)
+        self.zeros += np.rint(zeros.sum(axis=0, dtype=np.float64)).astype(np.int64)
+        self.count += n
+        self.positions += n * self.shape[0] * self.shape[1]
+
     def merge(self, other: LayerStats) -> None:
         """Fold ``other`` (same shape) into this one."""
         if other.shape != self.shape:
@@ -139,6 +154,20 @@ class RunStats:
             h, w, k = acts.shape[1:]
             st = self.layers[layer] = LayerStats.empty((h, w, k))
         st.update(acts)
+
+    def update_reduced(
+        self,
+        layer: str,
+        shape: tuple[int, int, int],
+        sums: np.ndarray,
+        maxes: np.ndarray,
+        zeros: np.ndarray,
+    ) -> None:
+        """Add a batch of ``layer`` (feature shape ``(h, w, k)``) reduced over positions."""
+        st = self.layers.get(layer)
+        if st is None:
+            st = self.layers[layer] = LayerStats.empty(shape)
+        st.update_reduced(sums, maxes, zeros)
 
     def merge(self, other: RunStats) -> None:
         """Fold ``other`` into this one (layers missing here are copied)."""

@@ -503,3 +503,37 @@ def test_run_works_without_tensorflow(demo_model: tuple[Path, Path], tmp_path: P
     )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o" / "index.html").exists()
+
+
+def test_stats_from_graph_match_numpy(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """stats.json (reduced inside the graph by onnxruntime) against numpy over the full
+    activations of the same images, with dead channels named."""
+    import onnxruntime as ort
+
+    from convlens.engine.images import Preprocessor, read_image
+
+    model, photos = demo_model
+    spec = C.read_spec(model)
+    out = tmp_path / "o"
+    run(model, [str(photos)], out, RunOptions(device="cpu", batch_size=4), progress=False)
+    stats = json.loads((out / "stats.json").read_text())
+    paths = sorted(photos.rglob("*.jpg"))
+    pre = Preprocessor(spec.input, spec.preprocess)
+    x = np.stack([pre(read_image(p)) for p in paths])
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in spec.activation_outputs]
+    acts = dict(
+        zip(
+            names,
+            sess.run(names, {C.IN_IMAGE: x, C.IN_TARGETS: np.full((len(x), 1), -1)}),
+            strict=True,
+        )
+    )
+    for o in spec.activation_outputs:
+        a = acts[o.name].astype(np.float64)
+        s = stats[o.layer]
+        assert s["count"] == len(paths) and s["shape"] == list(a.shape[1:])
+        np.testing.assert_allclose(s["mean"], a.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(s["max"], a.max(axis=(0, 1, 2)), rtol=1e-5)
+        np.testing.assert_allclose(s["zero_fraction"], (a == 0).mean(axis=(0, 1, 2)), atol=1e-6)
+        assert s["dead"] == [int(c) for c in np.flatnonzero(a.max(axis=(0, 1, 2)) <= 0)]
