@@ -84,5 +84,9 @@ def format_text(info: dict[str, Any]) -> str:
             f"{'PASSED' if par.get('passed') else 'FAILED'}",
         ]
         for name, d in sorted(par.get("outputs", {}).items()):
-            lines.append(f"  {name:<28} max abs {d['max_abs']:.3g}  max rel {d['max_rel']:.3g}")
+            l2 = f"  rel L2 {d['rel_l2']:.3g}" if "rel_l2" in d else ""
+            lines.append(
+                f"  {name:<28} max abs {d['max_abs']:.3g}  max rel {d['max_rel']:.3g}{l2}"
+                f"  score {d['score']:.3g}"
+            )
     return "\n".join(lines)
