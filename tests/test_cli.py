@@ -69,3 +69,25 @@ def test_package_boundaries() -> None:
         for f in (ROOT / folder).glob("*.py"):
             assert "convlens.cli" not in _imports(f), f
     assert "convlens.cli" not in _imports(ROOT / "convlens" / "pipeline.py")
+
+
+def test_demo_then_report_rerender(tmp_path: Path) -> None:
+    """The README's main job, then `convlens report` re-renders with no inference."""
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(main, ["demo", "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    index = out / "index.html"
+    first = index.read_bytes()
+    results = (out / "results.jsonl").read_bytes()
+    assert b"brick" in first and results.count(b"\n") == 15
+    index.unlink()
+    r = CliRunner().invoke(main, ["report", str(out)])
+    assert r.exit_code == 0, r.output
+    assert index.read_bytes() == first
+    assert (out / "results.jsonl").read_bytes() == results
+
+
+def test_report_on_a_non_run_dir(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert r.exit_code == 2
+    assert "not a convlens run directory" in r.output
