@@ -32,6 +32,11 @@ class ImageOutcome:
 
 
 class ResultSink(Protocol):
+    """Receives every batch's outcomes.  A sink may also define
+    ``wants_activations(record) -> bool``: the engine calls it once per ok record,
+    before ``on_batch``, and fetches activations only for the images it says yes to
+    (without it, every image gets them)."""
+
     def open(self, outdir: Path, spec: ModelSpec, settings: dict[str, Any]) -> None: ...
 
     def on_batch(self, outcomes: list[ImageOutcome]) -> None: ...

@@ -30,6 +30,7 @@ from .assets import (
     GRID_COLORMAP_NAME,
     GRID_COLS,
     LOW_CONFIDENCE,
+    OVERLAY_ALPHA,
     atomic_write_bytes,
     cam_file_name,
     encode_image,
@@ -376,6 +377,7 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
         "grids_hint": GRIDS_HINT,
         "cam_colormap": CAM_COLORMAP_NAME,
         "grid_colormap": GRID_COLORMAP_NAME,
+        "overlay_alpha": OVERLAY_ALPHA,
     }
 
     _copy_static(outdir)
@@ -436,7 +438,8 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
     gallery = {
         "pageSize": page_size,
         "classes": names,
-        # overlay of item i: assets/cams/<id>/<overlays[item.overlay]>_<item.pred>.jpg
+        # CAM heatmap of item i, laid over its thumbnail:
+        # assets/cams/<id>/<overlays[item.overlay]>_<item.pred>.png
         "overlays": [safe_name(m) for m in method_names],
         "methods": method_names,
         "items": items,

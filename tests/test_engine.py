@@ -537,3 +537,55 @@ def test_stats_from_graph_match_numpy(demo_model: tuple[Path, Path], tmp_path: P
         np.testing.assert_allclose(s["max"], a.max(axis=(0, 1, 2)), rtol=1e-5)
         np.testing.assert_allclose(s["zero_fraction"], (a == 0).mean(axis=(0, 1, 2)), atol=1e-6)
         assert s["dead"] == [int(c) for c in np.flatnonzero(a.max(axis=(0, 1, 2)) <= 0)]
+
+
+class _PickySink:
+    """Wants activations for every other image; remembers what it got."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.got: dict[str, dict[str, np.ndarray]] = {}
+
+    def open(self, outdir: Path, spec: C.ModelSpec, settings: dict[str, Any]) -> None:
+        pass
+
+    def wants_activations(self, record: dict[str, Any]) -> bool:
+        self.asked.append(record["id"])
+        return len(self.asked) % 2 == 0
+
+    def on_batch(self, outcomes: list[Any]) -> None:
+        for oc in outcomes:
+            if oc.activations:
+                self.got[oc.record["path"]] = {k: v.copy() for k, v in oc.activations.items()}
+
+    def close(self, summary: dict[str, Any]) -> None:
+        pass
+
+
+def test_activations_only_for_images_a_sink_wants(
+    demo_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    from convlens.engine.images import Preprocessor, read_image
+
+    model, photos = demo_model
+    spec = C.read_spec(model)
+    sink = _PickySink()
+    run(
+        model,
+        [str(photos)],
+        tmp_path / "o",
+        RunOptions(device="cpu", batch_size=4),
+        sinks=[sink],
+        progress=False,
+    )
+    assert len(sink.asked) == 15 and len(sink.got) == 7
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    pre = Preprocessor(spec.input, spec.preprocess)
+    for path, acts in sink.got.items():
+        x = pre(read_image(Path(path)))[None]
+        names = [o.name for o in spec.activation_outputs]
+        ref = sess.run(names, {C.IN_IMAGE: x, C.IN_TARGETS: np.full((1, 1), -1)})
+        for name, r in zip(names, ref, strict=True):
+            np.testing.assert_allclose(acts[name[len(C.ACT_PREFIX) :]], r[0], rtol=1e-5, atol=1e-6)

@@ -110,26 +110,74 @@ def test_outdir_layout(fake: FakeRun) -> None:
     assert {p.stem for p in (out / "assets" / "thumbs").glob("*.jpg")} == ok_ids
     for r in fake.ok_records:
         cams = {p.name for p in (out / "assets" / "cams" / r["id"]).iterdir()}
-        assert cams == {f"{m}_{c}.jpg" for m in r["cam_methods"] for c in r["cam_classes"]}
+        assert cams == {f"{m}_{c}.png" for m in r["cam_methods"] for c in r["cam_classes"]}
     assert sorted(p.name for p in (out / "assets" / "class_cams").iterdir())
     manifest = json.loads((out / "assets" / "assets.json").read_text())
     assert manifest["complete"] is True
+    assert manifest["format"] == 2 and manifest["cam_files"] == "heatmap"
     assert manifest["counts"]["thumbnails"] == len(ok_ids)
     assert manifest["counts"]["errors"] == 3
 
 
-def test_thumbnail_and_overlay_sizes(fake: FakeRun) -> None:
+def test_thumbnail_size(fake: FakeRun) -> None:
     r = fake.ok_records[0]
     thumb = cv2.imread(str(fake.outdir / "assets" / "thumbs" / f"{r['id']}.jpg"))
     assert thumb is not None
     h, w = thumb.shape[:2]
     longest = max(r["width"], r["height"])
     assert max(h, w) == min(256, longest)
-    for m in r["cam_methods"]:
-        ov = cv2.imread(
-            str(fake.outdir / "assets" / "cams" / r["id"] / f"{m}_{r['cam_classes'][0]}.jpg")
-        )
-        assert ov is not None and ov.shape[:2] == (h, w)
+    assert abs(w / h - r["width"] / r["height"]) < 0.02
+
+
+def _fixture_maps(rec: dict[str, Any]) -> dict[tuple[str, int], np.ndarray]:
+    """The raw maps the fixture handed the sink for ``rec`` (recomputed from the input)."""
+    from report_fixtures import _maps
+
+    bgr = cv2.imread(rec["path"], cv2.IMREAD_COLOR)
+    assert bgr is not None
+    return _maps(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), rec["cam_classes"])
+
+
+def _expected_heatmap(raw: np.ndarray, f: int) -> np.ndarray:
+    """BGR: the raw map normalised to 0..1 on its own, upsampled f times (INTER_LINEAR, as
+    the overlays always were), colour-mapped with OpenCV."""
+    m = raw.astype(np.float32)
+    lo, hi = float(m.min()), float(m.max())
+    norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+    h, w = m.shape
+    up = cv2.resize(norm, (w * f, h * f), interpolation=cv2.INTER_LINEAR)
+    levels = np.clip(np.round(up.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    return cv2.applyColorMap(levels, cv2.COLORMAP_TURBO)
+
+
+def test_cam_heatmap_files_are_colour_mapped_maps(fake: FakeRun) -> None:
+    """Every CAM file is a small colour PNG of the map's own shape (upsampled by a small
+    integer factor, 7x7 -> 49x49) whose pixels are the turbo colours of the normalised
+    raw map: not thumbnail-sized, not blended with the photo."""
+    assert A.heatmap_scale(7, 7) == 7 and A.heatmap_scale(16, 16) == 3
+    assert A.heatmap_scale(48, 20) == 1 and A.heatmap_scale(64, 64) == 1
+    lut = A.colormap_lut(A.CAM_COLORMAP)
+    for r in fake.ok_records[:3]:
+        maps = _fixture_maps(r)
+        assert len(maps) == len(r["cam_methods"]) * len(r["cam_classes"])
+        for (method, cls), raw in maps.items():
+            path = fake.outdir / "assets" / "cams" / r["id"] / f"{method}_{cls}.png"
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert path.stat().st_size < 4000
+            heat = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            assert heat is not None
+            assert raw.shape == (7, 7)
+            assert heat.shape == (49, 49, 3)  # colour, no alpha
+            expected = _expected_heatmap(raw, 7)
+            # the same colours, give or take one colour-map step (rounding at .5)
+            assert np.abs(heat.astype(int) - expected.astype(int)).max() <= 8
+            assert (heat == expected).all(axis=2).mean() > 0.98
+            # the hottest cell's centre is the top of the colour map, the coldest its bottom
+            (hy, hx), (cy, cx) = (
+                np.unravel_index(f(raw), raw.shape) for f in (np.argmax, np.argmin)
+            )
+            assert (heat[hy * 7 + 3, hx * 7 + 3] == lut[255]).all()
+            assert (heat[cy * 7 + 3, cx * 7 + 3] == lut[0]).all()
 
 
 def test_grid_files_match_geometry(fake: FakeRun) -> None:
@@ -254,9 +302,19 @@ def test_image_pages_navigation_and_content(fake: FakeRun) -> None:
         srcs = [str(a["src"]) for t, a in audit.tags if t == "img" and a.get("src")]
         rec = by_id[rid]
         assert f"../assets/thumbs/{rid}.jpg" in srcs
-        for m in rec["cam_methods"]:
-            for c in rec["cam_classes"]:
-                assert f"../assets/cams/{rid}/{m}_{c}.jpg" in srcs
+        heats = [
+            str(a["src"]) for t, a in audit.tags if t == "img" and a.get("class") == "cam-heat"
+        ]
+        photos = [a["src"] for t, a in audit.tags if t == "img" and a.get("class") == "cam-photo"]
+        assert sorted(heats) == sorted(
+            f"../assets/cams/{rid}/{m}_{c}.png"
+            for m in rec["cam_methods"]
+            for c in rec["cam_classes"]
+        )
+        # every heatmap is laid over the photo: one thumbnail under each
+        assert photos == [f"../assets/thumbs/{rid}.jpg"] * len(heats)
+        stacks = [a for t, a in audit.tags if t == "div" and "cam-stack" in str(a.get("class"))]
+        assert len(stacks) == len(heats)
         text = " ".join(audit.text)
         for p in rec["predictions"]:
             assert p["name"] in text
@@ -315,6 +373,20 @@ def test_index_structure_golden(fake: FakeRun) -> None:
     assert "Failed inputs (3)" in text
     assert "Model <TMP>/fake_cnn.onnx Grid policy sample" in text
     assert "top-1 accuracy (" in text and "Confusion matrix" in text
+
+
+def test_heatmaps_without_thumbnail(fake: FakeRun, tmp_path: Path) -> None:
+    out = tmp_path / "nothumb"
+    shutil.copytree(fake.outdir, out)
+    rid = fake.ok_records[0]["id"]
+    (out / "assets" / "thumbs" / f"{rid}.jpg").unlink()
+    render_report(out, page_size=PAGE_SIZE)
+    audit = _audit(out / "images" / f"{rid}.html")
+    classes = [str(a.get("class")) for t, a in audit.tags]
+    assert "cam-photo" not in classes
+    assert classes.count("cam-stack no-photo") == classes.count("cam-heat") > 0
+    item = next(i for i in _gallery(out)["items"] if i[0] == rid)
+    assert item[5] == 0  # no thumbnail: the gallery shows neither photo nor heatmap
 
 
 def test_partial_last_line_and_missing_optional_files(fake: FakeRun, tmp_path: Path) -> None:
@@ -552,19 +624,98 @@ def test_tile_sizes() -> None:
     assert big.shape[:2] == (128, 3 * 129 - 1)
 
 
-def test_cam_overlay_blends_heatmap() -> None:
-    base = np.full((30, 40, 3), 100, np.uint8)
-    raw = np.zeros((5, 5), np.float32)
-    raw[0, 0] = 3.0
-    out = A.cam_overlay(base, raw)
-    assert out.shape == base.shape
+def test_cam_heatmap_colours() -> None:
+    rng = np.random.default_rng(3)
+    raw = rng.random((16, 16), dtype=np.float32) * 7.0
+    heat = A.cam_heatmap(raw)
+    assert heat.shape == (48, 48, 3) and heat.dtype == np.uint8
+    norm = A.normalise_map(raw)
+    up = cv2.resize(norm, (48, 48), interpolation=cv2.INTER_LINEAR)
+    assert (heat == cv2.applyColorMap(A.to_levels(up), A.CAM_COLORMAP)).all()
     lut = A.colormap_lut(A.CAM_COLORMAP)
-    expected_hot = (0.5 * base[0, 0] + 0.5 * lut[255].astype(float)).round()
-    assert np.abs(out[0, 0].astype(float) - expected_hot).max() <= 1
-    expected_cold = (0.5 * base[-1, -1] + 0.5 * lut[0].astype(float)).round()
-    assert np.abs(out[-1, -1].astype(float) - expected_cold).max() <= 1
-    flat = A.cam_overlay(base, np.zeros((5, 5), np.float32))  # constant map: all zero
-    assert np.abs(flat[0, 0].astype(float) - expected_cold).max() <= 1
+    assert (A.cam_heatmap(np.zeros((5, 5), np.float32)) == lut[0]).all()  # constant map
+    nan = np.full((4, 4), np.nan, np.float32)
+    nan[0, 0] = 2.0
+    assert (A.cam_heatmap(nan)[0, 0] == lut[255]).all()
+    big = rng.random((60, 50), dtype=np.float32)
+    assert (A.cam_levels(big) == A.to_levels(A.normalise_map(big))).all()  # not upsampled
+
+
+def test_cam_levels_batched_equals_one_by_one() -> None:
+    rng = np.random.default_rng(4)
+    maps: dict[Any, np.ndarray] = {
+        ("cam", c): rng.random((16, 16), dtype=np.float32) * (c + 1) for c in range(5)
+    }
+    maps[("flat", 0)] = np.full((16, 16), 3.0, np.float32)
+    maps[("nan", 0)] = np.where(rng.random((16, 16)) > 0.5, np.nan, 1.0).astype(np.float32)
+    maps[("small", 0)] = rng.random((7, 7), dtype=np.float32)
+    maps[("wide", 0)] = rng.random((4, 9)).astype(np.float64)
+    many = {("m", c): rng.random((6, 6), dtype=np.float32) for c in range(300)}  # > 1 chunk
+    maps.update(many)
+    got = A.cam_levels_batch(maps)
+    assert list(got) == list(maps)
+    for key, raw in maps.items():
+        f = A.heatmap_scale(*raw.shape)
+        assert got[key].shape == (raw.shape[0] * f, raw.shape[1] * f), key
+        one = A.cam_levels(raw)
+        # OpenCV's multi-channel resize may differ from its one-channel resize in the last
+        # bit of a float32, which can flip a rounding at .5: one level, rarely
+        assert np.abs(got[key].astype(int) - one.astype(int)).max() <= 1, key
+        assert (got[key] == one).mean() > 0.99, key
+
+
+def test_indexed_png_decodes_to_colour_mapped_levels() -> None:
+    rng = np.random.default_rng(5)
+    for shape in [(48, 48), (1, 1), (49, 35), (3, 200)]:
+        levels = rng.integers(0, 256, shape, dtype=np.uint8)
+        data = A.encode_indexed_png(levels)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert img is not None and img.shape == (*shape, 3)
+        assert (img == A.colormap_lut(A.CAM_COLORMAP)[levels]).all()
+    with pytest.raises(ValueError):
+        A.encode_indexed_png(np.zeros((4, 4), np.float32))
+
+
+def _photo(h: int, w: int) -> np.ndarray:
+    from skimage import data as skdata
+
+    return cv2.resize(skdata.chelsea(), (w, h), interpolation=cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(480, 640), (640, 480), (479, 641), (3000, 4000), (257, 100), (200, 120), (1, 900)],
+)
+def test_thumbnail_fast_resize_matches_inter_area(shape: tuple[int, int]) -> None:
+    h, w = shape
+    img = _photo(max(h, 2), w)[:h]
+    out = A.thumbnail(img, 256)
+    s = min(1.0, 256 / max(h, w))
+    assert out.shape == (max(1, round(h * s)), max(1, round(w * s)), 3)
+    if s == 1.0:
+        assert out is img
+        return
+    ref = cv2.resize(img, out.shape[1::-1], interpolation=cv2.INTER_AREA)
+    err = (out.astype(float) - ref.astype(float)) ** 2
+    psnr = 10 * np.log10(255**2 / max(err.mean(), 1e-9))
+    assert psnr > 38, psnr
+
+
+def test_thumbnail_of_other_layouts() -> None:
+    gray = _photo(480, 640)[:, :, 0]
+    assert A.to_bgr(A.thumbnail(gray, 256)).shape == (192, 256, 3)
+    rgba = np.dstack([_photo(480, 640), np.full((480, 640), 255, np.uint8)])
+    assert A.to_bgr(A.thumbnail(rgba, 256)).shape == (192, 256, 3)
+    floats = _photo(480, 640).astype(np.float32) * 2.0  # clipped to 0..255
+    assert A.to_bgr(A.thumbnail(A.to_uint8(floats), 256)).max() == 255
+
+
+def test_css_overlay_opacity_matches_overlay_alpha() -> None:
+    css = (Path(A.__file__).parent / "static" / "report.css").read_text(encoding="utf-8")
+    rule = css[css.index(".heat, .cam-heat {") :]
+    rule = rule[: rule.index("}")]
+    assert f"opacity: {A.OVERLAY_ALPHA};" in rule
+    assert "image-rendering: auto;" in rule
 
 
 def test_safe_names() -> None:

@@ -225,6 +225,19 @@ def test_index_gallery_filters_and_paging(watched: Watched, report_dir: Path) ->
     assert page.text_content("#pg-info") == f"page 1 of {-(-len(items) // PAGE_SIZE)}"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "index.png"), full_page=True)
+    # every photo fits its square card: as wide or as tall as it (small ones scaled up)
+    fits = page.eval_on_selector_all(
+        "#gallery .card a.thumb",
+        """boxes => boxes.map(b => {
+            const r = b.getBoundingClientRect(), p = b.querySelector('img.photo');
+            const q = p.getBoundingClientRect();
+            return [Math.max(q.width / r.width, q.height / r.height),
+                    Math.abs(q.left + q.width / 2 - r.left - r.width / 2),
+                    Math.abs(q.top + q.height / 2 - r.top - r.height / 2)];
+        })""",
+    )
+    assert len(fits) == PAGE_SIZE
+    assert all(abs(f[0] - 1) < 0.01 and f[1] < 1 and f[2] < 1 for f in fits), fits
 
     # paging
     page.click("#pg-next")
@@ -280,17 +293,73 @@ def test_index_gallery_filters_and_paging(watched: Watched, report_dir: Path) ->
     assert probs == sorted(probs, reverse=True)
     page.select_option("#f-sort", "")
 
-    # CAM overlays instead of photos
+    # CAM overlays: a heatmap layer over every photo, shown and hidden
+    assert _heat_layers(w) == []  # off by default: no heatmap is even loaded
     page.check("#f-overlay")
-    src = page.get_attribute("#gallery .card img", "src")
-    assert src is not None and src.startswith("assets/cams/")
     w.assert_images_loaded()
+    page.locator("#gallery").screenshot(path=str(SCREENSHOTS / "index-overlays.png"))
+    layers = _heat_layers(w)
+    assert len(layers) == len(_cards(w)) == PAGE_SIZE
+    for layer in layers:
+        assert layer["visible"], layer
+        assert layer["src"].startswith(f"assets/cams/{layer['id']}/")
+        assert layer["src"].endswith(f"_{_item(data, layer['id'])[2]}.png")
+        # a feature-resolution PNG, stretched over exactly the photo's box, half opaque
+        assert layer["natural"][0] < 64 and layer["natural"][1] < 64, layer
+        assert _same_box(layer["box"], layer["photo_box"]), layer
+        assert layer["opacity"] == "0.5" and layer["rendering"] == "auto"
+    assert page.text_content("#gallery .card .ov-toggle") == "photo"
     page.uncheck("#f-overlay")
+    assert _heat_layers(w) == []  # the page is drawn again, photos only
+    assert page.text_content("#gallery .card .ov-toggle") == "CAM"
+    # the per-card toggle shows and hides that card's heatmap only
     page.click("#gallery .card .ov-toggle")
-    src = page.get_attribute("#gallery .card img", "src")
-    assert src is not None and src.startswith("assets/cams/")
+    layers = _heat_layers(w)
+    assert [(la["id"], la["visible"]) for la in layers] == [(_cards(w)[0]["id"], True)]
+    assert _same_box(layers[0]["box"], layers[0]["photo_box"])
+    assert page.text_content("#gallery .card .ov-toggle") == "photo"
     w.assert_images_loaded()
+    page.click("#gallery .card .ov-toggle")
+    assert [la["visible"] for la in _heat_layers(w)] == [False]
+    assert page.text_content("#gallery .card .ov-toggle") == "CAM"
+    # the photo is never replaced: every card still shows its thumbnail
+    srcs = page.eval_on_selector_all(
+        "#gallery .card img.photo", "imgs => imgs.map(i => i.getAttribute('src'))"
+    )
+    assert len(srcs) == PAGE_SIZE and all(s.startswith("assets/thumbs/") for s in srcs)
     w.assert_clean()
+
+
+HEAT_LAYERS = """cards => cards.map(c => {
+    const heat = c.querySelector('img.heat');
+    if (!heat) return null;
+    const photo = c.querySelector('img.photo');
+    const box = r => [r.left, r.top, r.width, r.height];
+    const cs = getComputedStyle(heat);
+    return {
+        id: c.getAttribute('data-id'),
+        src: heat.getAttribute('src'),
+        visible: !heat.hidden && cs.display !== 'none' && heat.getBoundingClientRect().width > 0,
+        box: box(heat.getBoundingClientRect()),
+        photo_box: box(photo.getBoundingClientRect()),
+        natural: [heat.naturalWidth, heat.naturalHeight],
+        opacity: cs.opacity,
+        rendering: cs.imageRendering,
+    };
+}).filter(x => x !== null)"""
+
+
+def _heat_layers(w: Watched) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = w.page.eval_on_selector_all("#gallery .card", HEAT_LAYERS)
+    return result
+
+
+def _same_box(a: list[float], b: list[float]) -> bool:
+    return all(abs(x - y) < 0.51 for x, y in zip(a, b, strict=True)) and a[2] > 20 < a[3]
+
+
+def _item(data: dict[str, Any], image_id: str) -> list[Any]:
+    return next(i for i in data["items"] if i[0] == image_id)
 
 
 def test_hostile_file_name_is_text(watched: Watched, report_dir: Path) -> None:
@@ -319,6 +388,25 @@ def test_image_page_zoom_and_keyboard(watched: Watched, report_dir: Path) -> Non
     w.assert_images_loaded()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "image.png"), full_page=True)
+
+    # every CAM is a feature-resolution heatmap stretched over a copy of the photo
+    stacks = page.eval_on_selector_all(
+        ".cam-stack",
+        """stacks => stacks.map(s => {
+            const photo = s.querySelector('img.cam-photo'), heat = s.querySelector('img.cam-heat');
+            const box = r => [r.left, r.top, r.width, r.height];
+            return {photo: photo && photo.getAttribute('src'), heat: heat.getAttribute('src'),
+                    pbox: box(photo.getBoundingClientRect()), hbox: box(heat.getBoundingClientRect()),
+                    natural: [heat.naturalWidth, heat.naturalHeight],
+                    opacity: getComputedStyle(heat).opacity};
+        })""",
+    )
+    assert len(stacks) >= 3
+    for st in stacks:
+        assert st["photo"] == f"../assets/thumbs/{start}.jpg"
+        assert st["heat"].startswith(f"../assets/cams/{start}/") and st["heat"].endswith(".png")
+        assert st["natural"] == [48, 48]  # the demo model's CAM layer is 16x16: 3x
+        assert _same_box(st["hbox"], st["pbox"]) and st["opacity"] == "0.5"
 
     # click the 3rd channel of the first grid: the zoom shows it
     grid = page.locator("img.grid").first

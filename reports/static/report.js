@@ -151,8 +151,9 @@
       return "assets/thumbs/" + it[ID] + ".jpg";
     }
 
+    // the CAM heatmap of the top class, a small PNG laid over the thumbnail by report.css
     function overlaySrc(it) {
-      return "assets/cams/" + it[ID] + "/" + data.overlays[it[OV]] + "_" + it[PRED] + ".jpg";
+      return "assets/cams/" + it[ID] + "/" + data.overlays[it[OV]] + "_" + it[PRED] + ".png";
     }
 
     function card(it) {
@@ -173,14 +174,20 @@
       }
       var a = el("a", "thumb");
       a.setAttribute("href", "images/" + it[ID] + ".html");
-      var hasOverlay = it[OV] >= 0;
+      var hasOverlay = it[OV] >= 0 && it[THUMB];
+      // the photo, and (once asked for) the heatmap on top of it
+      var stack = el("span", "stack");
       if (it[THUMB]) {
-        var img = el("img");
-        var showOverlay = state.overlay && hasOverlay;
-        img.setAttribute("src", showOverlay ? overlaySrc(it) : thumbSrc(it));
+        var img = el("img", "photo");
+        img.addEventListener("load", function () {
+          // fit the square both ways: report.css scales small photos up, large ones down
+          stack.classList.add(img.naturalWidth >= img.naturalHeight ? "wide" : "tall");
+        });
+        img.setAttribute("src", thumbSrc(it));
         img.setAttribute("alt", it[REL]);
         img.setAttribute("decoding", "async");
-        a.appendChild(img);
+        stack.appendChild(img);
+        a.appendChild(stack);
       } else {
         a.appendChild(el("span", "muted", "no thumbnail"));
       }
@@ -200,15 +207,27 @@
       path.setAttribute("href", "images/" + it[ID] + ".html");
       path.setAttribute("title", it[REL]);
       body.appendChild(path);
-      if (hasOverlay && it[THUMB]) {
-        var b = el("button", "ov-toggle", state.overlay ? "photo" : "CAM");
+      if (hasOverlay) {
+        var b = el("button", "ov-toggle");
         b.setAttribute("type", "button");
         b.setAttribute("title", "toggle the CAM overlay of the top class");
+        var showHeat = function (on) {
+          var heat = stack.querySelector("img.heat");
+          if (on && !heat) {
+            heat = el("img", "heat");
+            heat.setAttribute("src", overlaySrc(it));
+            heat.setAttribute("alt", "CAM of " + className(it[PRED]));
+            heat.setAttribute("decoding", "async");
+            stack.appendChild(heat);
+          }
+          if (heat) heat.hidden = !on;
+          b.textContent = on ? "photo" : "CAM";
+          b.setAttribute("aria-pressed", on ? "true" : "false");
+        };
+        showHeat(state.overlay);
         b.addEventListener("click", function () {
-          var im = a.querySelector("img");
-          var on = im.getAttribute("src") === overlaySrc(it);
-          im.setAttribute("src", on ? thumbSrc(it) : overlaySrc(it));
-          b.textContent = on ? "CAM" : "photo";
+          var heat = stack.querySelector("img.heat");
+          showHeat(!heat || heat.hidden);
         });
         body.appendChild(b);
       }
