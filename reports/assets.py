@@ -5,7 +5,7 @@ input whose record has ``status == "ok"`` it writes, under ``OUTDIR/assets/``::
 
     thumbs/<id>.jpg                    the image, longest side ``thumb_size`` (never upscaled)
     cams/<id>/<method>_<class>.png     CAM heatmap, one per map (below)
-    grids/<id>/<layer>.png             activation grid, one per exposed layer (policy below)
+    grids/<id>/<layer>.jpg             activation grid, one per exposed layer (policy below)
 
 and ``assets.json`` (the sink's settings, counts and timings; rewritten in ``open`` and
 ``close``).  ``<id>``, ``<method>`` and ``<layer>`` go through :func:`safe_id` and
@@ -93,6 +93,7 @@ MIN_TILE = 48
 MAX_TILE = 128
 GRID_GAP_BGR = (255, 255, 255)
 JPEG_QUALITY = 85
+GRID_JPEG_QUALITY = 92
 #: zlib level 3 without PNG row filters: for grids (flat tiles) this is both the fastest
 #: and the smallest of cv2's options (measured: ~3x faster than the default filters).
 PNG_COMPRESSION = 3
@@ -136,7 +137,9 @@ def cam_file_name(method: str, class_index: int) -> str:
 
 
 def grid_file_name(layer: str) -> str:
-    return f"{safe_name(layer)}.png"
+    """Grids are JPEG (quality GRID_JPEG_QUALITY): about 15x faster to encode than PNG
+    and smaller, at no visible cost for colour-mapped activations."""
+    return f"{safe_name(layer)}.jpg"
 
 
 # ---- colour ------------------------------------------------------------------------
@@ -401,9 +404,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def encode_image(img_bgr: np.ndarray, ext: str) -> bytes:
+def encode_image(img_bgr: np.ndarray, ext: str, quality: int = 0) -> bytes:
     if ext == ".jpg":
-        params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+        params = [cv2.IMWRITE_JPEG_QUALITY, quality or JPEG_QUALITY]
     elif ext == ".png":
         params = [
             cv2.IMWRITE_PNG_COMPRESSION,
@@ -454,9 +457,9 @@ def encode_indexed_png(
     )
 
 
-def write_image(path: str | os.PathLike[str], img_bgr: np.ndarray) -> None:
+def write_image(path: str | os.PathLike[str], img_bgr: np.ndarray, quality: int = 0) -> None:
     ext = os.path.splitext(os.fspath(path))[1].lower()
-    atomic_write_bytes(path, encode_image(img_bgr, ext))
+    atomic_write_bytes(path, encode_image(img_bgr, ext, quality))
 
 
 # ---- the sink ----------------------------------------------------------------------
@@ -591,7 +594,9 @@ class ReportAssetSink:
             grid_dir = self._root / GRIDS_DIR / rid
             grid_dir.mkdir(exist_ok=True)
             for layer, act in outcome.activations.items():
-                write_image(grid_dir / grid_file_name(layer), activation_grid(act))
+                write_image(
+                    grid_dir / grid_file_name(layer), activation_grid(act), GRID_JPEG_QUALITY
+                )
                 self.counts["grid_files"] += 1
             self.counts["grid_images"] += 1
             self.timings["grids_s"] += time.perf_counter() - t1

@@ -402,7 +402,7 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
             methods=methods,
             cam_rows=cam_rows,
             grids=_grid_views(e, grid_files, layers),
-            grids_written=any(f.endswith(".png") for f in grid_files),
+            grids_written=any(f.endswith(".jpg") for f in grid_files),
             grid_policy=policy,
         )
         html = tpl_image.render(root="../", page_kind="image", title=e.relpath, p=page, **common)

@@ -183,7 +183,7 @@ def test_cam_heatmap_files_are_colour_mapped_maps(fake: FakeRun) -> None:
 def test_grid_files_match_geometry(fake: FakeRun) -> None:
     rid = fake.grid_ids[0]
     for name, s, k in [("conv1", 56, 16), ("conv4", 7, 128)]:
-        img = cv2.imread(str(fake.outdir / "assets" / "grids" / rid / f"{name}.png"))
+        img = cv2.imread(str(fake.outdir / "assets" / "grids" / rid / f"{name}.jpg"))
         assert img is not None
         assert img.shape[:2] == A.grid_shape(s, s, k)
 
