@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,17 @@ def one_line_errors(fn: F) -> F:
         except known as exc:
             msg = str(exc).strip().splitlines()
             click.echo(f"convlens: error: {msg[0] if msg else type(exc).__name__}", err=True)
+            sys.exit(EXIT_ERROR)
+        except Exception as exc:  # a bug or a library failure: still one line, exit 2
+            if os.environ.get("CONVLENS_DEBUG"):
+                raise
+            msg = str(exc).strip().splitlines()
+            first = msg[0][:300] if msg else ""
+            click.echo(
+                f"convlens: error: {type(exc).__name__}: {first} "
+                "(set CONVLENS_DEBUG=1 for the traceback)",
+                err=True,
+            )
             sys.exit(EXIT_ERROR)
 
     return wrapper  # type: ignore[return-value]

@@ -66,7 +66,7 @@ def read_records(path: Path, repair: bool = False) -> list[dict[str, Any]]:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
             continue  # a line torn by a crash in an earlier version; recomputed
     return records
 
@@ -103,6 +103,6 @@ class ResultsLog:
 
 
 def _line(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode(
-        "utf-8", "surrogateescape"
-    )
+    # ASCII JSON: a file name that is not valid UTF-8 (surrogate-escaped by Python)
+    # round-trips as \udcXX escapes instead of writing invalid UTF-8 bytes
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")

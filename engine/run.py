@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from . import contract as C
@@ -149,6 +151,21 @@ class _Decoded:
     tensor: np.ndarray | None = None
 
 
+DISPLAY_MAX = 1024  # longest side of the original kept in memory for sinks
+
+
+def _display_copy(rgb: np.ndarray) -> np.ndarray:
+    """The decoded image for sinks (thumbnails), shrunk so its longest side is at most
+    DISPLAY_MAX: memory stays bounded whatever the photos' size."""
+    h, w = rgb.shape[:2]
+    longest = max(h, w)
+    if longest <= DISPLAY_MAX:
+        return rgb
+    s = DISPLAY_MAX / longest
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
 def _relpath(path: Path, roots: list[Path]) -> str:
     for r in roots:
         try:
@@ -176,6 +193,7 @@ class Runner:
         self.sinks = list(sinks)
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr))
         self.show_progress = progress
+        self._fp: dict[str, Any] | None = None
         try:
             self.spec = C.read_spec(self.model_path)
         except C.ContractError as exc:
@@ -222,23 +240,73 @@ class Runner:
                     f"--class {c!r}: not a class of this model ({', '.join(spec.class_names[:20])}"
                     f"{', ...' if spec.num_classes > 20 else ''})"
                 )
+        self.extra_classes = list(dict.fromkeys(self.extra_classes))
         self.needs_grads = any(METHODS[m].needs_gradients for m in self.methods)
+
+    # files of a run directory that --force removes (OUTDIR.md)
+    RUN_FILES = (
+        "results.jsonl",
+        "run.json",
+        "stats.json",
+        "class_cams.npz",
+        "index.html",
+        "model.html",
+    )
+    RUN_DIRS = ("maps", "shards", "assets", "images", "static")
 
     def _prepare_outdir(self) -> None:
         out = self.outdir
         if out.exists() and not out.is_dir():
             raise RunError(f"{out}: exists and is not a directory")
         if self.opts.force and out.exists():
-            for name in ("results.jsonl", "run.json", "stats.json", "class_cams.npz"):
+            for name in self.RUN_FILES:
                 (out / name).unlink(missing_ok=True)
-            for name in ("maps", "shards"):
+            for name in self.RUN_DIRS:
                 shutil.rmtree(out / name, ignore_errors=True)
+        else:
+            self._check_same_run()
         (out / "shards").mkdir(parents=True, exist_ok=True)
         if self.opts.save_maps:
             (out / "maps").mkdir(exist_ok=True)
 
+    def _fingerprint(self) -> dict[str, Any]:
+        """What makes earlier results in OUTDIR reusable: the model file and the
+        settings that change a record."""
+        if self._fp is not None:
+            return self._fp
+        h = hashlib.sha1()
+        with open(self.model_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        o = self.opts
+        self._fp = {
+            "model_sha1": h.hexdigest(),
+            "cam_methods": self.methods,
+            "top_k": o.top_k,
+            "classes": sorted(set(self.extra_classes)),
+            "labels_from_dirs": o.labels_from_dirs,
+            "save_maps": o.save_maps,
+        }
+        return self._fp
+
+    def _check_same_run(self) -> None:
+        run_json = self.outdir / "run.json"
+        if not run_json.exists():
+            return
+        try:
+            before = json.loads(run_json.read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            before = None
+        if before is not None and before != self._fingerprint():
+            changed = [k for k, v in self._fingerprint().items() if before.get(k) != v]
+            raise RunError(
+                f"{self.outdir} holds results of another model or other settings "
+                f"({', '.join(changed)} differ); use --force to recompute, or another -o"
+            )
+
     def _resume(self, log: ResultsLog) -> dict[str, dict[str, Any]]:
-        """Done records by id, after dropping ok records no complete shard covers."""
+        """Done records by id.  Ok records no complete shard covers are dropped (they are
+        recomputed), and so are error records: a failed input is tried again."""
         records = log.load()
         covered: set[str] = set()
         for meta in sorted((self.outdir / "shards").glob("*.json")):
@@ -253,7 +321,7 @@ class Runner:
             rid = r.get("id")
             if rid in seen:
                 continue
-            if r.get("status") == "ok" and rid not in covered:
+            if r.get("status") != "ok" or rid not in covered:
                 continue
             seen.add(rid)
             keep.append(r)
@@ -271,8 +339,8 @@ class Runner:
         t0 = time.perf_counter()
         if not inputs:
             raise RunError("no input given: name image files, directories or globs")
+        sess = self._open_session()  # fails (one line) before --force removes anything
         self._prepare_outdir()
-        sess = self._open_session()
         log = ResultsLog(self.outdir)
         done = self._resume(log)
         found = discover(list(inputs))
@@ -284,9 +352,13 @@ class Runner:
         problems = []
         for raw, reason in found.problems:
             rid = image_id(os.path.abspath(raw))
-            if rid in done:
-                continue
-            rec = {"id": rid, "path": raw, "relpath": raw, "status": "error", "error": reason}
+            rec = {
+                "id": rid,
+                "path": os.path.abspath(raw),
+                "relpath": raw,
+                "status": "error",
+                "error": reason,
+            }
             problems.append(rec)
             self.warn(f"{raw}: {reason}")
         if problems:
@@ -304,6 +376,7 @@ class Runner:
                 "model_path": str(self.model_path),
                 "spec": asdict(self.spec),
                 "settings": settings,
+                "fingerprint": self._fingerprint(),
                 "summary": None,
             },
         )
@@ -386,12 +459,16 @@ class Runner:
             )
         try:
             rgb = read_image(path, self.opts.max_pixels)
+            tensor = pre(rgb)
         except ImageError as exc:
             rec.update(status="error", error=str(exc))
             return _Decoded(index, path, rec)
+        except (MemoryError, ValueError, cv2.error) as exc:  # one input's failure, not the run's
+            rec.update(status="error", error=f"cannot process: {type(exc).__name__}: {exc}")
+            return _Decoded(index, path, rec)
         rec.update(status="ok", error=None, height=int(rgb.shape[0]), width=int(rgb.shape[1]))
-        tensor = pre(rgb)
-        return _Decoded(index, path, rec, rgb if self.sinks else None, tensor)
+        shown = _display_copy(rgb) if self.sinks else None
+        return _Decoded(index, path, rec, shown, tensor)
 
     def _batches(self, files: list[Path], roots: list[Path]) -> Iterator[list[_Decoded]]:
         pre = Preprocessor(self.spec.input, self.spec.preprocess)
@@ -513,7 +590,7 @@ class Runner:
                 {"index": int(c), "name": names_[int(c)], "prob": round(float(probs[i, c]), 6)}
                 for c in order[i, :k]
             ]
-            cls = [int(c) for c in classes[i]]
+            cls = list(dict.fromkeys(int(c) for c in classes[i]))  # top-k may hold a --class
             rec["cam_classes"] = cls
             rec["cam_methods"] = self.methods
             per_image: dict[tuple[str, int], np.ndarray] = {}
@@ -522,8 +599,8 @@ class Runner:
                     for c in dict.fromkeys(cls):
                         per_image[(m, c)] = arr[i, 0]
                 else:
-                    for t, c in enumerate(cls):
-                        per_image.setdefault((m, c), arr[i, t])
+                    for t, c in enumerate(classes[i].tolist()):
+                        per_image.setdefault((m, int(c)), arr[i, t])
             if self.opts.save_maps:
                 rel = f"maps/{rec['id']}.npz"
                 atomic_save_npz(
@@ -632,6 +709,7 @@ class Runner:
                 "model_path": str(self.model_path),
                 "spec": asdict(self.spec),
                 "settings": settings,
+                "fingerprint": self._fingerprint(),
                 "summary": {
                     "total": summary.total,
                     "ok": ok,

@@ -21,8 +21,8 @@ class ImageOutcome:
     """One input's result, with the in-memory arrays a sink may render."""
 
     record: dict[str, Any]
-    #: decoded original at its own size, after EXIF orientation, uint8, RGB (H, W, 3);
-    #: None when the input failed.
+    #: decoded original after EXIF orientation, uint8, RGB (H, W, 3), shrunk so that its
+    #: longest side is at most 1024 px (for display); None when the input failed.
     image: np.ndarray | None = None
     #: (method, class_index) -> raw map (h, w) float32 at feature resolution, after the
     #: method's ReLU, before upsampling and normalisation.

@@ -221,6 +221,18 @@ def _entry(rec: dict[str, Any], class_names: list[str]) -> ImageEntry:
     )
 
 
+def _displayable(value: Any) -> Any:
+    """Strings made printable: a file name that is not valid UTF-8 reaches Python as
+    surrogate escapes (\\udcXX), which cannot be written as UTF-8; show U+FFFD instead."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {k: _displayable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_displayable(v) for v in value]
+    return value
+
+
 def read_results(path: Path, class_names: list[str]) -> Results:
     """Read results.jsonl: the last record per id wins; unreadable lines are skipped.
 
@@ -237,7 +249,7 @@ def read_results(path: Path, class_names: list[str]) -> Results:
             if not line:
                 continue
             try:
-                rec = json.loads(line)
+                rec = _displayable(json.loads(line))
             except ValueError:
                 bad += 1
                 continue
