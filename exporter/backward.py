@@ -155,8 +155,10 @@ def _gap(tf: Any, call: Call, g: Any) -> Any:
 def _gmp(tf: Any, call: Call, g: Any) -> Any:
     x = _x(call)
     h, w, k = x.shape[1], x.shape[2], x.shape[3]
-    flat = tf.reshape(x, [-1, h * w, k])
-    mask = tf.one_hot(tf.argmax(flat, axis=1), h * w, axis=1, dtype=g.dtype)  # (N, hw, k)
+    # as TF's reduce_max gradient: shared equally by every position equal to the max
+    top = tf.reduce_max(x, axis=[1, 2], keepdims=True)
+    hit = tf.cast(tf.equal(x, top), g.dtype)
+    mask = hit / tf.reduce_sum(hit, axis=[1, 2], keepdims=True)
     mask = tf.reshape(mask, [-1, 1, h, w, k])
     g = tf.reshape(g, _nt_shape(tf, g, (1, 1, k)))
     return mask * g

@@ -11,7 +11,7 @@ import numpy as np
 from convlens.engine import contract as C
 
 from .backward import backward
-from .errors import ExportError
+from .errors import ExportError, UnsupportedHead
 from .plan import Plan, scores_from_trace
 from .trace import Recorder, Trace
 
@@ -43,6 +43,20 @@ def head_gradients(tf: Any, plan: Plan, trace: Trace, scores: Any, resolved: Any
         g = tf.einsum("ntu,du->ntd", g, tf.constant(kernel))
     head = [by_name[n] for n in plan.head_calls]
     return backward(tf, head, g)
+
+
+def probe_gradients(tf: Any, plan: Plan, trace: Trace) -> None:
+    """Run the head's backward rules once, eagerly, on a recorded trace: layers whose
+    configuration no rule covers (e.g. ReLU(max_value=6), overlapping pooling) are
+    added to ``plan.gradient_problems`` instead of failing the conversion later."""
+    if not plan.gradients_available:
+        return
+    try:
+        _, scores, _ = scores_from_trace(tf, plan, trace)
+        resolved = tf.zeros((scores.shape[0], 1), dtype=tf.int64)
+        head_gradients(tf, plan, trace, scores, resolved)
+    except UnsupportedHead as exc:
+        plan.gradient_problems.extend(exc.problems)
 
 
 def output_names(plan: Plan, with_gradients: bool) -> list[str]:

@@ -28,6 +28,7 @@ from .build import (
     convert,
     make_function,
     output_names,
+    probe_gradients,
     tape_gradients,
 )
 from .errors import ExportError
@@ -106,6 +107,7 @@ def export_loaded(
         with recorder.recording() as trace:
             model(np.zeros((1, inp.height, inp.width, inp.channels), np.float32), training=False)
         plan = make_plan(trace, layers, cam_layer)
+        probe_gradients(tf, plan, trace)
         pre = _preprocess(preprocess, trace)
         class_names = _class_names(labels, model, plan.num_classes)
         with_grads = plan.gradients_available

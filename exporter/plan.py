@@ -146,19 +146,30 @@ def make_plan(trace: Trace, layers: list[str] | None, cam_layer: str | None) -> 
     head = calls[a_i + 1 : end]
     problems += check_head(head)
 
-    core = [c for c in calls[a_i + 1 :] if c.kind not in IDENTITY_KINDS]
+    # layers that do not change a (N, k) vector after global pooling do not matter here
+    core = [c for c in calls[a_i + 1 :] if c.kind not in (*IDENTITY_KINDS, "Flatten", "Reshape")]
     k = int(calls[a_i].output.shape[-1])
     head_kind = "dense"
     w = b = None
     if core and core[0].kind == "GlobalAveragePooling2D" and trace.chain_ok(a_i):
         rest = core[1:]
+        dense = None
         if len(rest) == 1 and rest[0].kind == "Dense" and rest[0] is last:
+            dense = last  # GAP -> Dense(softmax/sigmoid/linear)
+        elif (
+            len(rest) == 2
+            and rest[0].kind == "Dense"
+            and activation_name(rest[0].layer.activation) == "linear"
+            and rest[1] is last
+            and final_mode == "activation"
+        ):
+            dense = rest[0]  # GAP -> Dense(linear) -> Activation/Softmax
+        if dense is not None:
             head_kind = "gap_dense"
-            weights = last.weights
-            w = np.asarray(weights[0], dtype=np.float32)
+            w = np.asarray(dense.weights[0], dtype=np.float32)
             b = (
-                np.asarray(weights[1], dtype=np.float32)
-                if last.layer.use_bias
+                np.asarray(dense.weights[1], dtype=np.float32)
+                if dense.layer.use_bias
                 else np.zeros(units, np.float32)
             )
         elif (

@@ -304,3 +304,66 @@ def test_ops_tf2onnx_cannot_convert_are_listed(tmp_path: Path) -> None:
     ):
         export_loaded(keras.Model(inp, out), tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def _tiny(head: Any, bias: float = 0.0) -> Any:
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((20, 20, 3))
+    x = layers.Conv2D(
+        6, 3, activation="relu", name="c", bias_initializer=keras.initializers.Constant(bias)
+    )(inp)
+    return keras.Model(inp, head(x))
+
+
+def test_configurations_without_rules_export_without_gradients(tmp_path: Path) -> None:
+    require_tf()
+    from keras import layers
+
+    from convlens.exporter.export import export_loaded
+
+    cases = {
+        "relu6": lambda x: layers.Dense(3, activation="softmax")(
+            layers.Flatten()(layers.ReLU(max_value=6.0, name="r6")(layers.MaxPooling2D()(x)))
+        ),
+        "overlapping": lambda x: layers.Dense(3, activation="softmax")(
+            layers.Flatten()(layers.MaxPooling2D(3, strides=2, name="mp")(x))
+        ),
+        "swish": lambda x: layers.Dense(3, activation="softmax")(
+            layers.Dense(4, activation="swish", name="sw")(layers.GlobalAveragePooling2D()(x))
+        ),
+    }
+    for name, head in cases.items():
+        r = export_loaded(_tiny(head), tmp_path / f"{name}.onnx")
+        assert not r.spec.head.gradients_available, name
+        assert r.spec.source["gradient_problems"], name
+        assert r.spec.parity["passed"], name
+
+
+def test_more_heads_get_cam_and_exact_gradients(tmp_path: Path) -> None:
+    """GlobalMaxPooling with ties (dead ReLU channels) matches GradientTape; GAP -> Dense
+    (linear) -> Activation(softmax) and GAP(keepdims) -> Flatten -> Dense get CAM."""
+    require_tf()
+    from keras import layers
+
+    from convlens.exporter.export import export_loaded
+
+    gmp = _tiny(
+        lambda x: layers.Dense(3, activation="softmax")(layers.GlobalMaxPooling2D()(x)), bias=-0.3
+    )
+    r = export_loaded(gmp, tmp_path / "gmp.onnx")
+    assert r.spec.parity["outputs"]["gradients_vs_gradienttape"]["score"] < 1e-5
+    split = _tiny(
+        lambda x: layers.Activation("softmax")(layers.Dense(3)(layers.GlobalAveragePooling2D()(x)))
+    )
+    r = export_loaded(split, tmp_path / "split.onnx")
+    assert r.spec.head.kind == "gap_dense" and r.spec.head.cam_available
+    kd = _tiny(
+        lambda x: layers.Dense(3, activation="softmax")(
+            layers.Flatten()(layers.GlobalAveragePooling2D(keepdims=True)(x))
+        )
+    )
+    r = export_loaded(kd, tmp_path / "kd.onnx")
+    assert r.spec.head.kind == "gap_dense" and r.spec.parity["passed"]
