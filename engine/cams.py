@@ -291,9 +291,13 @@ def top_eigenvectors(
     O(N m^2) per step instead of eigh's O(N m^3).
     """
     n, m, _ = gram.shape
+    # Perron-Frobenius holds for a non-negative Gram matrix only: a matrix with negative
+    # entries (signed activations) goes straight to eigh, since the all-ones start could
+    # be orthogonal to its top eigenvector
+    signed = (gram < 0).any(axis=(1, 2))
     vec = np.full((n, m), 1.0 / np.sqrt(m))
     lam = np.zeros(n)
-    todo = np.arange(n)
+    todo = np.flatnonzero(~signed)
     for step in range(max_iter):
         g = gram[todo]
         gv = np.matmul(g, vec[todo][:, :, None])[:, :, 0]
@@ -311,6 +315,7 @@ def top_eigenvectors(
                 break
         else:
             vec[todo] = gv / np.maximum(norm, 1e-300)[:, None]
+    todo = np.union1d(todo, np.flatnonzero(signed)).astype(np.int64)
     if len(todo):
         evals, evecs = np.linalg.eigh(gram[todo])
         vec[todo] = evecs[:, :, -1]

@@ -251,7 +251,13 @@ def _sniff_jpeg(d: bytes) -> Header:
     h: int | None = None
     while i + 4 <= n:
         if d[i] != 0xFF:
-            break  # not at a marker: corrupt
+            # stray bytes between segments: libjpeg skips them (with a warning), so resync
+            # on the next marker rather than calling the file corrupt
+            nxt = d.find(b"\xff", i)
+            if nxt < 0:
+                break
+            i = nxt
+            continue
         marker = d[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -292,8 +298,7 @@ def _sniff_tiff(d: bytes) -> Header:
                 fmt = {3: "H", 4: "I", 16: "Q"}.get(typ)
                 if fmt is not None:
                     (dims[tag],) = struct.unpack_from(e + fmt, d, p + val_off)
-            elif tag > 257:
-                break  # tags are sorted
+            # tags should be sorted, but libtiff reads unsorted IFDs: scan them all
         return Header("TIFF", dims.get(256), dims.get(257))
     except struct.error:
         return Header("TIFF")
@@ -552,6 +557,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         and header.width * header.height > max_pixels
     ):
         raise _too_large(header.width, header.height, max_pixels)
+    if (
+        header is not None
+        and header.format == "TIFF"
+        and (header.width is None or header.height is None)
+    ):
+        raise ImageError("not a readable TIFF (no image width/length in its first directory)")
     if header is not None and header.format == "JPEG":
         # entropy-coded data escapes 0xFF as FF00, so FFD9 after the first scan is the EOI
         if header.jpeg_scan is None or data.find(b"\xff\xd9", header.jpeg_scan) < 0:

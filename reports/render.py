@@ -251,7 +251,7 @@ def _grid_views(e: ImageEntry, files: set[str], layers: list[LayerStats]) -> lis
             )
         )
     for fname in sorted(files - known):  # grids of layers stats.json does not know
-        if fname.endswith(".png"):
+        if fname.endswith(".jpg"):
             stem = fname[:-4]
             src = f"{ASSETS_DIR}/grids/{e.id}/{fname}"
             views.append(GridView(stem, [], 0, GRID_COLS, src, None, None, None))

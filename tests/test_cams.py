@@ -263,3 +263,18 @@ def test_upsample() -> None:
     ramp = upsample(np.array([[0.0, 1.0]], np.float32), (1, 8))[0]
     # src x = (x + 0.5) / 4 - 0.5, clamped to [0, 1]
     np.testing.assert_allclose(ramp, [0, 0, 0.125, 0.375, 0.625, 0.875, 1, 1], atol=1e-6)
+
+
+def test_eigencam_top_eigenvector_orthogonal_to_ones() -> None:
+    """Signed activations whose top singular direction is orthogonal to all-ones (where
+    power iteration from ones would find the wrong eigenvector)."""
+    a = np.zeros((1, 2, 2, 3), np.float32)
+    # columns: (1, -1) pattern has the largest energy and sums to zero
+    a[0, :, :, 0] = [[3.0, -2.9], [3.0, -2.9]]
+    a[0, :, :, 1] = [[1.0, 1.0], [1.0, 1.0]]
+    got = METHODS["eigencam"].compute(a)
+    flat = a[0].reshape(4, 3).astype(np.float64)
+    _, _, vt = np.linalg.svd(flat)
+    proj = flat @ vt[0]
+    proj = -proj if proj.sum() < 0 else proj
+    np.testing.assert_allclose(got[0, 0].ravel(), np.maximum(proj, 0), atol=1e-5)

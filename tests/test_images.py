@@ -591,3 +591,28 @@ def test_decode_then_preprocess_end_to_end(tmp_path: Path) -> None:
     y = preprocess(rgb, _spec(150, 150), Preprocess.parse("unit"))
     assert y.shape == (150, 150, 3) and y.min() >= 0.0 and y.max() <= 1.0
     assert decode_image(path.read_bytes()).shape == (480, 640, 3)
+
+
+def test_jpeg_with_stray_bytes_between_segments(tmp_path: Path) -> None:
+    """libjpeg skips extraneous bytes before a marker; so must the truncation check."""
+    import cv2 as _cv2
+
+    ok, buf = _cv2.imencode(".jpg", np.full((16, 16, 3), 128, np.uint8))
+    data = buf.tobytes()
+    app0_end = 4 + ((data[4] << 8) | data[5])  # SOI (2) + APP0 marker (2) + length
+    p = tmp_path / "stray.jpg"
+    p.write_bytes(data[:app0_end] + b"\x00\x00" + data[app0_end:])
+    assert read_image(p).shape == (16, 16, 3)
+
+
+def test_tiff_bomb_with_unsorted_tags_is_refused(tmp_path: Path) -> None:
+    import struct
+
+    # a minimal little-endian TIFF header whose IFD lists ImageLength before ImageWidth
+    entries = [(257, 4, 1, 100000), (256, 4, 1, 100000)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries)
+    data = b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00\x00\x00\x00"
+    p = tmp_path / "bomb.tif"
+    p.write_bytes(data)
+    with pytest.raises(ImageError, match="too large"):
+        read_image(p)
