@@ -138,6 +138,14 @@ def run_options(fn: F) -> F:
             help="Activation grids in the report: every image, a sample "
             "(first images, misclassified, least confident), or none.",
         ),
+        click.option(
+            "--grid-sample",
+            type=click.IntRange(min=0),
+            default=50,
+            show_default=True,
+            help="With --grids sample: how many of the first images get grids "
+            "(besides every misclassified or low-confidence one).",
+        ),
         click.option("--no-report", is_flag=True, help="Results only, no HTML report."),
         click.option(
             "--force", is_flag=True, help="Recompute everything, ignoring earlier results."
@@ -176,6 +184,7 @@ def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw
         outdir,
         options,
         grids=kw["grids"],
+        grid_sample=kw["grid_sample"],
         report=not kw["no_report"],
         progress=not quiet,
         warn=warn,

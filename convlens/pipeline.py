@@ -22,6 +22,7 @@ def analyze(
     options: RunOptions | None = None,
     *,
     grids: str = "sample",
+    grid_sample: int | None = None,
     report: bool = True,
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
@@ -31,8 +32,13 @@ def analyze(
     sinks = []
     if report:
         from convlens.reports import ReportAssetSink
+        from convlens.reports.assets import GRID_SAMPLE
 
-        sinks.append(ReportAssetSink(grids=grids))
+        sinks.append(
+            ReportAssetSink(
+                grids=grids, grid_sample=GRID_SAMPLE if grid_sample is None else grid_sample
+            )
+        )
     summary = run(model, inputs, outdir, options, sinks=sinks, progress=progress, warn=warn)
     index = None
     if report:

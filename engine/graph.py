@@ -1,14 +1,19 @@
-"""Engine-side additions to an analysis graph, made in memory when the session opens.
+"""Engine-side changes to an analysis graph, made in memory when a session opens.
 
-Per-channel activation statistics (sum, max, number of zeros over positions) are added
-as reductions inside the graph, so onnxruntime computes them with its own kernels on
-the device where the activations live, and the full activation tensors only leave the
-session for the images a sink asks them for.
+- Per-channel activation statistics (sum, max, number of zeros over positions) are added
+  as reductions inside the graph, so onnxruntime computes them with its own kernels on
+  the device where the activations live, and the full activation tensors only leave
+  the session for the images a sink asks them for.
+- The graph is pruned to the outputs a session will be asked for: onnxruntime runs
+  every node of a graph whatever outputs are requested, so an unused output (say the
+  NHWC copy of every activation, or the gradients when no gradient method is chosen)
+  would cost on every batch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,38 +27,97 @@ def stat_names(layer: str) -> tuple[str, str, str]:
     return base + "/sum", base + "/max", base + "/zeros"
 
 
-def with_stats(path: str | Path, spec: C.ModelSpec) -> bytes:
-    """The model with ``stats/<layer>/{sum,max,zeros}`` outputs, each (N, k) float32."""
+def with_stats(path: str | Path, spec: C.ModelSpec, keep: list[str] | None = None) -> bytes:
+    """The model with ``stats/<layer>/{sum,max,zeros}`` outputs, each (N, k) float32;
+    with ``keep``, pruned to those outputs (stats names included)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(path))
+    add_stats(model, spec)
+    if keep is not None:
+        prune(model, keep)
+    return bytes(model.SerializeToString())
+
+
+def pruned(path: str | Path, keep: list[str]) -> bytes:
+    """The model pruned to the outputs ``keep``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    prune(model, keep)
+    return bytes(model.SerializeToString())
+
+
+def prune(model: Any, keep: list[str]) -> None:
+    """Keep only the nodes, initializers and inputs that the outputs ``keep`` need."""
+    g = model.graph
+    missing = set(keep) - {o.name for o in g.output}
+    if missing:
+        raise KeyError(f"no graph output {sorted(missing)}")
+    need = set(keep)
+    nodes = []
+    for node in reversed(list(g.node)):
+        if any(o in need for o in node.output):
+            nodes.append(node)
+            need.update(i for i in node.input if i)
+    nodes.reverse()
+    outputs = [o for o in g.output if o.name in keep]
+    inits = [i for i in g.initializer if i.name in need]
+    inputs = [i for i in g.input if i.name in need]
+    del g.node[:], g.output[:], g.initializer[:], g.input[:]
+    g.node.extend(nodes)
+    g.output.extend(outputs)
+    g.initializer.extend(inits)
+    g.input.extend(inputs)
+
+
+def _nchw_source(producers: dict[str, Any], name: str) -> str | None:
+    """If ``name`` is a Transpose NCHW -> NHWC (how tf2onnx hands out conv outputs),
+    the NCHW tensor: reducing that one lets pruning drop the Transpose."""
+    node = producers.get(name)
+    if node is None or node.op_type != "Transpose":
+        return None
+    perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+    return str(node.input[0]) if perm == [[0, 2, 3, 1]] else None
+
+
+def add_stats(model: Any, spec: C.ModelSpec) -> None:
+    """Add ``stats/<layer>/{sum,max,zeros}`` outputs: per image and channel (N, k), the
+    sum, the maximum and the number of exact zeros over all positions."""
+    from onnx import TensorProto, helper, numpy_helper
+
     graph = model.graph
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
-    axes_name = "convlens_stats_axes"
+    producers = {o: n for n in graph.node for o in n.output}
     zero_name = "convlens_stats_zero"
-    graph.initializer.append(numpy_helper.from_array(np.array([1, 2], np.int64), axes_name))
     graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), zero_name))
+    for axes in ((1, 2), (2, 3)):
+        graph.initializer.append(
+            numpy_helper.from_array(
+                np.array(axes, np.int64), f"convlens_stats_axes{axes[0]}{axes[1]}"
+            )
+        )
     for out in spec.activation_outputs:
         assert out.layer is not None
         s_sum, s_max, s_zero = stat_names(out.layer)
         k = out.shape[-1]
+        src = _nchw_source(producers, out.name)
+        axes = (2, 3) if src else (1, 2)
+        src = src or out.name
+        axes_name = f"convlens_stats_axes{axes[0]}{axes[1]}"
         eq, cast = s_zero + "/eq", s_zero + "/cast"
         nodes = [
-            helper.make_node("ReduceSum", [out.name, axes_name], [s_sum], keepdims=0),
-            helper.make_node("Equal", [out.name, zero_name], [eq]),
+            helper.make_node("ReduceSum", [src, axes_name], [s_sum], keepdims=0),
+            helper.make_node("Equal", [src, zero_name], [eq]),
             helper.make_node("Cast", [eq], [cast], to=TensorProto.FLOAT),
             helper.make_node("ReduceSum", [cast, axes_name], [s_zero], keepdims=0),
         ]
         if opset >= 18:
-            nodes.append(helper.make_node("ReduceMax", [out.name, axes_name], [s_max], keepdims=0))
+            nodes.append(helper.make_node("ReduceMax", [src, axes_name], [s_max], keepdims=0))
         else:
-            nodes.append(
-                helper.make_node("ReduceMax", [out.name], [s_max], axes=[1, 2], keepdims=0)
-            )
+            nodes.append(helper.make_node("ReduceMax", [src], [s_max], axes=list(axes), keepdims=0))
         graph.node.extend(nodes)
         for name in (s_sum, s_max, s_zero):
             graph.output.append(
                 helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", k])
             )
-    return bytes(model.SerializeToString())

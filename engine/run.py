@@ -37,7 +37,7 @@ import numpy as np
 
 from . import contract as C
 from .cams import METHODS, normalize
-from .graph import stat_names, with_stats
+from .graph import pruned, stat_names, with_stats
 from .images import DEFAULT_MAX_PIXELS, ImageError, Preprocessor, discover, read_image
 from .results import (
     ResultsLog,
@@ -389,7 +389,7 @@ class Runner:
         self._pending_cams: dict[str, np.ndarray] = {}
         self._pending_ids: list[str] = []
         self._batches_since_flush = 0
-        self._acts_first_pass = bool(self.sinks)
+        self._acts_sess: Session | None = None
         progress = Progress(len(todo), self.show_progress)
         processed = 0
         try:
@@ -407,12 +407,35 @@ class Runner:
             s.close(asdict(summary) | {"outdir": str(self.outdir)})
         return summary
 
+    def _main_outputs(self) -> list[str]:
+        """What every batch needs: predictions, the CAM layer, statistics, gradients."""
+        spec = self.spec
+        names = [C.OUT_PREDICTIONS]
+        if spec.cam_output and self.methods:
+            names.append(spec.cam_output)
+        for o in spec.activation_outputs:
+            names += stat_names(o.layer or "")
+        if spec.head.gradients_available:
+            names.append(C.OUT_TARGET_INDICES)
+            if self.needs_grads:
+                names.append(C.OUT_GRADIENTS)
+        return names
+
     def _open_session(self) -> Session:
         try:
-            model = with_stats(self.model_path, self.spec)
+            model = with_stats(self.model_path, self.spec, keep=self._main_outputs())
             return open_session(model, self.opts.device, self.opts.threads)
         except Exception as exc:  # DeviceError or onnxruntime's own load failure
             raise RunError(str(exc).splitlines()[0]) from exc
+
+    def _activation_session(self, device: str) -> Session:
+        """A second session, pruned to the activations, for the images sinks want them
+        for (opened on first use)."""
+        if self._acts_sess is None:
+            names = [o.name for o in self.spec.activation_outputs]
+            model = pruned(self.model_path, names)
+            self._acts_sess = open_session(model, device, self.opts.threads)
+        return self._acts_sess
 
     def _settings(self, inputs: Sequence[str]) -> dict[str, Any]:
         return {
@@ -430,13 +453,9 @@ class Runner:
     def _fetch_constants(self, sess: Session) -> dict[str, np.ndarray]:
         if not self.spec.has_output(C.OUT_CAM_WEIGHTS):
             return {}
-        inp = self.spec.input
-        feeds: dict[str, np.ndarray] = {
-            C.IN_IMAGE: np.zeros((1, inp.height, inp.width, inp.channels), np.float32)
-        }
-        if self.spec.head.gradients_available:
-            feeds[C.IN_TARGETS] = np.full((1, 1), -1, np.int64)
-        w, b = sess.session.run([C.OUT_CAM_WEIGHTS, C.OUT_CAM_BIAS], feeds)
+        names = [C.OUT_CAM_WEIGHTS, C.OUT_CAM_BIAS]
+        consts = open_session(pruned(self.model_path, names), "cpu")  # constants: no input
+        w, b = consts.session.run(names, {})
         return {"weights": w, "bias": b}
 
     def _next_shard_seq(self) -> int:
@@ -533,20 +552,11 @@ class Runner:
             for o in spec.activation_outputs
         ]
         acts_names = [n for n, _, _ in layers]
-        names = [C.OUT_PREDICTIONS]
-        if spec.cam_output:
-            names.append(spec.cam_output)
-        for _, layer, _ in layers:
-            names += stat_names(layer)
-        if self._acts_first_pass:
-            names += [n for n in acts_names if n not in names]
-        feeds: dict[str, np.ndarray] = {C.IN_IMAGE: x}
+        names = self._main_outputs()
         targets = self._targets(len(x))
-        if spec.head.gradients_available:
+        feeds: dict[str, np.ndarray] = {C.IN_IMAGE: x}
+        if any(i.name == C.IN_TARGETS for i in sess.session.get_inputs()):
             feeds[C.IN_TARGETS] = targets
-            names += [C.OUT_TARGET_INDICES]
-            if self.needs_grads:
-                names += [C.OUT_GRADIENTS]
         out = dict(zip(names, sess.session.run(names, feeds), strict=True))
         probs = out[C.OUT_PREDICTIONS]
         order = np.argsort(-probs, axis=1, kind="stable")
@@ -625,9 +635,9 @@ class Runner:
         """Give each outcome its activations if a sink wants them for that image.
 
         A sink may say per image (``wants_activations(record)``, called once per ok
-        record, in order); without that method it gets them for every image.  The
-        activations come from the first pass when the previous batch wanted most of
-        them, else from a second pass over just the images that want them.
+        record, in order); without that method it gets them for every image.  They come
+        from a second pass, over just those images, on a session pruned to the
+        activations: the main pass never pays for copying them out.
         """
         want = np.zeros(len(results), bool)
         for s in self.sinks:
@@ -635,15 +645,12 @@ class Runner:
             for i, oc in enumerate(results):
                 if ask is None or ask(oc.record):
                     want[i] = True
-        self._acts_first_pass = bool(want.mean() > 0.5) if len(want) else False
         if not want.any():
             return
         rows = np.flatnonzero(want)
-        if all(n in out for n in acts_names):
-            acts = {n: out[n][rows] for n in acts_names}
-        else:
-            sub = {k: v[rows] for k, v in feeds.items()}
-            acts = dict(zip(acts_names, sess.session.run(acts_names, sub), strict=True))
+        acts_sess = self._activation_session(sess.device)
+        got = acts_sess.session.run(acts_names, {C.IN_IMAGE: x[rows]})
+        acts = dict(zip(acts_names, got, strict=True))
         for j, row in enumerate(rows.tolist()):
             results[row].activations = {n[len(C.ACT_PREFIX) :]: a[j] for n, a in acts.items()}
 

@@ -69,6 +69,8 @@ def session_options(threads: int | None = None) -> Any:
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    # decoding threads share the cores: onnxruntime's workers must not spin between runs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
