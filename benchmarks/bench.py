@@ -392,7 +392,7 @@ def _standing_notes() -> list[str]:
         "rows 1 and 2 only).",
         "Random weights, but the last Dense layer is rescaled so that predictions are "
         "confident and varied, as a trained model's are: the report draws activation grids "
-        "for the first 200 images and for every low-confidence one.",
+        "for the first --grid-sample (50) images and for every low-confidence one.",
     ]
 
 

@@ -79,7 +79,7 @@ def run_options(fn: F) -> F:
         click.option(
             "--batch-size",
             type=click.IntRange(min=1),
-            default=32,
+            default=16,
             show_default=True,
             help="Images per onnxruntime call.",
         ),

@@ -59,7 +59,7 @@ class RunError(Exception):
 @dataclass
 class RunOptions:
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int = 16
     workers: int | None = None  # decoding threads; None = number of CPUs
     cam_methods: list[str] | None = None  # None = every method the model supports
     top_k: int = 3
