@@ -155,7 +155,39 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
     for o in graph.output:
         o.name = rename[o.name]
     _name_dynamic_dims(graph)
+    dedupe_initializers(model_proto)
     return model_proto
+
+
+def dedupe_initializers(model_proto: Any) -> int:
+    """Merge byte-identical initializers (the backward rules embed a second copy of a
+    dense kernel the forward pass already holds).  Returns how many were dropped."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    graph = model_proto.graph
+    first: dict[tuple[Any, ...], str] = {}
+    alias: dict[str, str] = {}
+    keep = []
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init)
+        key = (arr.dtype.str, arr.shape, hashlib.sha1(arr.tobytes()).hexdigest())
+        if key in first:
+            alias[init.name] = first[key]
+        else:
+            first[key] = init.name
+            keep.append(init)
+    if not alias:
+        return 0
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    graph_inputs = {i.name for i in graph.input}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias and name not in graph_inputs:
+                node.input[i] = alias[name]
+    return len(alias)
 
 
 def unconverted_ops(model_proto: Any) -> dict[str, list[str]]:

@@ -26,6 +26,7 @@ from convlens.engine.results import atomic_write_bytes
 from .build import (
     add_constant_output,
     convert,
+    dedupe_initializers,
     make_function,
     output_names,
     probe_gradients,
@@ -119,6 +120,7 @@ def export_loaded(
         if plan.cam_weights is not None and plan.cam_bias is not None:
             add_constant_output(proto, C.OUT_CAM_WEIGHTS, plan.cam_weights)
             add_constant_output(proto, C.OUT_CAM_BIAS, plan.cam_bias)
+            dedupe_initializers(proto)  # the CAM weights are the dense kernel itself
         spec = _spec(plan, inp, pre, class_names, proto, source_path, keras, tf)
         images, source = _parity_inputs(calibration, inp, pre, n_calibration, seed)
         parity = check_parity(tf, model, recorder, plan, fn, proto, images, with_grads)
