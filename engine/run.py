@@ -269,6 +269,19 @@ class Runner:
         if self.opts.save_maps:
             (out / "maps").mkdir(exist_ok=True)
 
+    def _lock_outdir(self) -> Any:
+        """One run at a time per OUTDIR: two would count the same images twice."""
+        import fcntl
+
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        f = open(self.outdir / ".lock", "a")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.close()
+            raise RunError(f"{self.outdir}: another convlens run is writing to it") from exc
+        return f
+
     def _fingerprint(self) -> dict[str, Any]:
         """What makes earlier results in OUTDIR reusable: the model file and the
         settings that change a record."""
@@ -340,6 +353,13 @@ class Runner:
         if not inputs:
             raise RunError("no input given: name image files, directories or globs")
         sess = self._open_session()  # fails (one line) before --force removes anything
+        lock = self._lock_outdir()
+        try:
+            return self._run_locked(sess, inputs, t0)
+        finally:
+            lock.close()  # closing the file releases the lock
+
+    def _run_locked(self, sess: Session, inputs: Sequence[str], t0: float) -> RunSummary:
         self._prepare_outdir()
         log = ResultsLog(self.outdir)
         done = self._resume(log)

@@ -686,3 +686,17 @@ def test_duplicate_classes_are_mapped_once(demo_model: tuple[Path, Path], tmp_pa
         assert sorted(np.load(out / rec["maps"]).files) == sorted(
             f"{m}/{c}" for m in rec["cam_methods"] for c in (0, 1)
         )
+
+
+def test_one_run_at_a_time_per_outdir(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    import fcntl
+
+    model, photos = demo_model
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        r = _cli_run(str(model), str(photos / "grass"), "-o", str(out), "--device", "cpu")
+        assert r.returncode == 2 and "another convlens run is writing to it" in r.stderr
+    r = _cli_run(str(model), str(photos / "grass"), "-o", str(out), "--device", "cpu", "-q")
+    assert r.returncode == 0, r.stderr
