@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import glob
 import hashlib
 import json
 import os
@@ -164,6 +165,21 @@ def _display_copy(rgb: np.ndarray) -> np.ndarray:
     s = DISPLAY_MAX / longest
     size = (max(1, round(w * s)), max(1, round(h * s)))
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def _roots(inputs: Sequence[str], files: list[Path]) -> list[Path]:
+    """What a file's relpath is relative to: the input directories (as given, after
+    ``~`` and glob expansion), then the common parent of all inputs found, so that
+    cats/1.jpg and dogs/1.jpg matched by a glob stay apart."""
+    roots = []
+    for raw in inputs:
+        expanded = os.path.expanduser(raw)
+        cands = glob.glob(expanded, recursive=True) if any(c in raw for c in "*?[") else [expanded]
+        roots += [Path(os.path.abspath(c)) for c in cands if os.path.isdir(c)]
+    roots = sorted(set(roots), key=lambda r: -len(r.parts))  # the deepest input dir first
+    if files:
+        roots.append(Path(os.path.commonpath([str(f.parent) for f in files])))
+    return roots
 
 
 def _relpath(path: Path, roots: list[Path]) -> str:
@@ -364,7 +380,7 @@ class Runner:
         log = ResultsLog(self.outdir)
         done = self._resume(log)
         found = discover(list(inputs))
-        roots = [Path(os.path.abspath(i)) for i in inputs if os.path.isdir(i)]
+        roots = _roots(inputs, found.files)
         notes = [sess.note] if sess.note else []
         for n in notes:
             self.warn(n)

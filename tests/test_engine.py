@@ -700,3 +700,30 @@ def test_one_run_at_a_time_per_outdir(demo_model: tuple[Path, Path], tmp_path: P
         assert r.returncode == 2 and "another convlens run is writing to it" in r.stderr
     r = _cli_run(str(model), str(photos / "grass"), "-o", str(out), "--device", "cpu", "-q")
     assert r.returncode == 0, r.stderr
+
+
+def test_relpaths_keep_folders_apart(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, photos = demo_model
+    for cls in ("brick", "grass"):
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        (tmp_path / "in" / cls / "1.jpg").write_bytes(
+            next((photos / cls).glob("*.jpg")).read_bytes()
+        )
+    out = tmp_path / "o"
+    run(
+        model, [str(tmp_path / "in" / "*" / "*.jpg")], out, RunOptions(device="cpu"), progress=False
+    )
+    assert sorted(r["relpath"] for r in _records(out)) == ["brick/1.jpg", "grass/1.jpg"]
+    out2 = tmp_path / "o2"
+    run(model, [str(tmp_path / "in")], out2, RunOptions(device="cpu"), progress=False)
+    assert sorted(r["relpath"] for r in _records(out2)) == ["brick/1.jpg", "grass/1.jpg"]
+
+
+def test_relpath_under_an_input_directory(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, photos = demo_model
+    (tmp_path / "in" / "cats").mkdir(parents=True)
+    (tmp_path / "in" / "cats" / "a.jpg").write_bytes(
+        next((photos / "brick").glob("*.jpg")).read_bytes()
+    )
+    run(model, [str(tmp_path / "in")], tmp_path / "o", RunOptions(device="cpu"), progress=False)
+    assert [r["relpath"] for r in _records(tmp_path / "o")] == ["cats/a.jpg"]
