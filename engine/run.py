@@ -595,6 +595,10 @@ class Runner:
             feeds[C.IN_TARGETS] = targets
         out = dict(zip(names, sess.session.run(names, feeds), strict=True))
         probs = out[C.OUT_PREDICTIONS]
+        if spec.head.activation == "linear" and probs.shape[1] > 1:
+            # a classifier trained from logits: report softmax probabilities
+            e = np.exp(probs - probs.max(axis=1, keepdims=True))
+            probs = e / e.sum(axis=1, keepdims=True)
         order = np.argsort(-probs, axis=1, kind="stable")
         if C.OUT_TARGET_INDICES in out:
             classes = out[C.OUT_TARGET_INDICES]

@@ -367,3 +367,27 @@ def test_more_heads_get_cam_and_exact_gradients(tmp_path: Path) -> None:
     )
     r = export_loaded(kd, tmp_path / "kd.onnx")
     assert r.spec.head.kind == "gap_dense" and r.spec.parity["passed"]
+
+
+def test_logits_model_reports_probabilities(tmp_path: Path) -> None:
+    """A classifier ending in a linear Dense (trained from logits): the engine reports
+    softmax probabilities, CAM still comes from the dense weights."""
+    require_tf()
+    import cv2
+    from keras import layers
+
+    from convlens.engine.run import RunOptions, run
+    from convlens.exporter.export import export_loaded
+
+    r = export_loaded(
+        _tiny(lambda x: layers.Dense(3)(layers.GlobalAveragePooling2D()(x))), tmp_path / "l.onnx"
+    )
+    assert r.spec.head.activation == "linear" and r.spec.head.kind == "gap_dense"
+    (tmp_path / "in").mkdir()
+    from convlens.exporter.demo_data import load_photo
+
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), load_photo("coffee")[:, :, ::-1])
+    run(r.path, [str(tmp_path / "in")], tmp_path / "o", RunOptions(device="cpu"), progress=False)
+    rec = json.loads((tmp_path / "o" / "results.jsonl").read_text().splitlines()[0])
+    probs = [p["prob"] for p in rec["predictions"]]
+    assert abs(sum(probs) - 1) < 1e-4 and all(0 <= p <= 1 for p in probs)
