@@ -27,23 +27,30 @@ def stat_names(layer: str) -> tuple[str, str, str]:
     return base + "/sum", base + "/max", base + "/zeros"
 
 
-def with_stats(path: str | Path, spec: C.ModelSpec, keep: list[str] | None = None) -> bytes:
-    """The model with ``stats/<layer>/{sum,max,zeros}`` outputs, each (N, k) float32;
-    with ``keep``, pruned to those outputs (stats names included)."""
+def _load(source: str | Path | Any) -> Any:
+    """A ModelProto to modify: loaded from a path, or a copy of one already loaded."""
     import onnx
 
-    model = onnx.load(str(path))
+    if isinstance(source, (str, Path)):
+        return onnx.load(str(source))
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    return model
+
+
+def with_stats(source: str | Path | Any, spec: C.ModelSpec, keep: list[str] | None = None) -> bytes:
+    """The model with ``stats/<layer>/{sum,max,zeros}`` outputs, each (N, k) float32;
+    with ``keep``, pruned to those outputs (stats names included)."""
+    model = _load(source)
     add_stats(model, spec)
     if keep is not None:
         prune(model, keep)
     return bytes(model.SerializeToString())
 
 
-def pruned(path: str | Path, keep: list[str]) -> bytes:
+def pruned(source: str | Path | Any, keep: list[str]) -> bytes:
     """The model pruned to the outputs ``keep``."""
-    import onnx
-
-    model = onnx.load(str(path))
+    model = _load(source)
     prune(model, keep)
     return bytes(model.SerializeToString())
 

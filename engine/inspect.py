@@ -9,24 +9,22 @@ from typing import Any
 from . import contract as C
 
 
+def dims(value_info: Any) -> list[int | str]:
+    """A graph input's or output's shape: fixed sizes, or the dynamic dim's name."""
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in value_info.type.tensor_type.shape.dim
+    ]
+
+
 def describe(path: str | Path) -> dict[str, Any]:
     """Everything ``convlens inspect`` shows, as plain data."""
     import onnx
 
     spec = C.read_spec(path)
     model = onnx.load(str(path), load_external_data=False)
-    graph_outputs = {}
-    for o in model.graph.output:
-        dims = o.type.tensor_type.shape.dim
-        graph_outputs[o.name] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims
-        ]
-    inputs = {}
-    for i in model.graph.input:
-        dims = i.type.tensor_type.shape.dim
-        inputs[i.name] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims
-        ]
+    graph_outputs = {o.name: dims(o) for o in model.graph.output}
+    inputs = {i.name: dims(i) for i in model.graph.input}
     return {
         "path": str(path),
         "size_bytes": Path(path).stat().st_size,

@@ -419,7 +419,7 @@ class Runner:
         for s in self.sinks:
             s.open(self.outdir, self.spec, settings)
 
-        self._weights = self._fetch_constants(sess)
+        self._weights = self._fetch_constants()
         self._seq = self._next_shard_seq()
         self._pending_stats = RunStats()
         self._pending_cams: dict[str, np.ndarray] = {}
@@ -459,8 +459,14 @@ class Runner:
 
     def _open_session(self) -> Session:
         try:
-            model = with_stats(self.model_path, self.spec, keep=self._main_outputs())
-            return open_session(model, self.opts.device, self.opts.threads)
+            import onnx
+
+            self._proto = onnx.load(str(self.model_path))  # loaded once, pruned per session
+            self._main_names = self._main_outputs()
+            model = with_stats(self._proto, self.spec, keep=self._main_names)
+            sess = open_session(model, self.opts.device, self.opts.threads)
+            self._takes_targets = any(i.name == C.IN_TARGETS for i in sess.session.get_inputs())
+            return sess
         except Exception as exc:  # DeviceError or onnxruntime's own load failure
             raise RunError(str(exc).splitlines()[0]) from exc
 
@@ -469,7 +475,7 @@ class Runner:
         for (opened on first use)."""
         if self._acts_sess is None:
             names = [o.name for o in self.spec.activation_outputs]
-            model = pruned(self.model_path, names)
+            model = pruned(self._proto, names)
             self._acts_sess = open_session(model, device, self.opts.threads)
         return self._acts_sess
 
@@ -486,11 +492,11 @@ class Runner:
             "max_pixels": self.opts.max_pixels,
         }
 
-    def _fetch_constants(self, sess: Session) -> dict[str, np.ndarray]:
+    def _fetch_constants(self) -> dict[str, np.ndarray]:
         if not self.spec.has_output(C.OUT_CAM_WEIGHTS):
             return {}
         names = [C.OUT_CAM_WEIGHTS, C.OUT_CAM_BIAS]
-        consts = open_session(pruned(self.model_path, names), "cpu")  # constants: no input
+        consts = open_session(pruned(self._proto, names), "cpu")  # constants: no input
         w, b = consts.session.run(names, {})
         return {"weights": w, "bias": b}
 
@@ -588,10 +594,10 @@ class Runner:
             for o in spec.activation_outputs
         ]
         acts_names = [n for n, _, _ in layers]
-        names = self._main_outputs()
+        names = self._main_names
         targets = self._targets(len(x))
         feeds: dict[str, np.ndarray] = {C.IN_IMAGE: x}
-        if any(i.name == C.IN_TARGETS for i in sess.session.get_inputs()):
+        if self._takes_targets:
             feeds[C.IN_TARGETS] = targets
         out = dict(zip(names, sess.session.run(names, feeds), strict=True))
         probs = out[C.OUT_PREDICTIONS]
@@ -660,15 +666,13 @@ class Runner:
             else:
                 rec["maps"] = None
             results.append(ImageOutcome(record=rec, image=d.image, maps=per_image))
-        self._attach_activations(sess, x, feeds, out, acts_names, results)
+        self._attach_activations(sess, x, acts_names, results)
         return results
 
     def _attach_activations(
         self,
         sess: Session,
         x: np.ndarray,
-        feeds: dict[str, np.ndarray],
-        out: dict[str, np.ndarray],
         acts_names: list[str],
         results: list[ImageOutcome],
     ) -> None:

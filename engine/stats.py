@@ -17,16 +17,16 @@ order).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .results import atomic_save_npz
 
 
 def _sig6(values: np.ndarray) -> list[float | None]:
@@ -195,17 +195,7 @@ class RunStats:
             arrays[f"l{i}_sum"] = st.sum
             arrays[f"l{i}_max"] = st.max
             arrays[f"l{i}_zeros"] = st.zeros
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)  # type: ignore[arg-type]
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_save_npz(path, arrays)
 
     @classmethod
     def load_npz(cls, path: str | os.PathLike[str]) -> RunStats:

@@ -21,6 +21,8 @@ import numpy as np
 
 from convlens import __version__
 from convlens.engine import contract as C
+from convlens.engine.images import ImageError, Preprocessor, discover, read_image
+from convlens.engine.inspect import dims
 from convlens.engine.results import atomic_write_bytes
 
 from .build import (
@@ -256,12 +258,7 @@ def _spec(
     keras: Any,
     tf: Any,
 ) -> C.ModelSpec:
-    shapes = {}
-    for o in proto.graph.output:
-        dims = o.type.tensor_type.shape.dim
-        shapes[o.name] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims
-        ]
+    shapes = {o.name: dims(o) for o in proto.graph.output}
     outputs = [
         C.OutputSpec(C.OUT_PREDICTIONS, C.ROLE_PREDICTIONS, shapes[C.OUT_PREDICTIONS]),
         C.OutputSpec(C.OUT_SCORES, C.ROLE_SCORES, shapes[C.OUT_SCORES]),
@@ -313,27 +310,11 @@ def _spec(
     )
 
 
-def _apply_preprocess(rgb: np.ndarray, inp: C.InputSpec, pre: C.Preprocess) -> np.ndarray:
-    """Preprocess uint8 RGB images already at the input size (N, H, W, 3)."""
-    x = rgb.astype(np.float32)
-    if inp.color_mode == "grayscale":
-        x = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-    elif pre.channel_order == "BGR":
-        x = x[..., ::-1]
-    x = x * pre.scale + pre.offset
-    if pre.mean is not None:
-        x = x - np.asarray(pre.mean, np.float32)
-    if pre.std is not None:
-        x = x / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
 def _parity_inputs(
     calibration: str | Path | None, inp: C.InputSpec, pre: C.Preprocess, n: int, seed: int
 ) -> tuple[np.ndarray, str]:
+    prep = Preprocessor(inp, pre)
     if calibration is not None:
-        from convlens.engine.images import ImageError, discover, preprocess, read_image
-
         found = discover([str(calibration)])
         if not found.files:
             reason = found.problems[0][1] if found.problems else "no images"
@@ -341,7 +322,7 @@ def _parity_inputs(
         batch = []
         for f in found.files:
             try:
-                batch.append(preprocess(read_image(f), inp, pre))
+                batch.append(prep(read_image(f)))
             except ImageError:
                 continue
             if len(batch) >= n:
@@ -351,7 +332,7 @@ def _parity_inputs(
         return np.stack(batch).astype(np.float32), f"calibration:{len(batch)} images"
     rng = np.random.default_rng(seed)
     noise = rng.integers(0, 256, size=(n, inp.height, inp.width, 3), dtype=np.uint8)
-    return _apply_preprocess(noise, inp, pre), f"noise:{n} images, seed {seed}"
+    return np.stack([prep(img) for img in noise]), f"noise:{n} images, seed {seed}"
 
 
 def _diff(ref: np.ndarray, got: np.ndarray, gradient: bool = False) -> dict[str, float]:
