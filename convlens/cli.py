@@ -20,6 +20,13 @@ EXIT_INPUT_FAILED = 1
 EXIT_ERROR = 2
 
 
+def printable(text: str) -> str:
+    """Control characters (from layer names, paths) shown escaped, never sent raw."""
+    return "".join(
+        c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode() for c in text
+    )
+
+
 def one_line_errors(fn: F) -> F:
     """Known errors become one line on stderr and exit status 2, never a traceback."""
 
@@ -225,10 +232,14 @@ def main() -> None:
 @click.option(
     "--layers",
     default=None,
-    help="Comma-separated conv layers to expose [default: every conv layer].",
+    help="Comma-separated layers to expose (any 4-D output; a nested model's layer as "
+    "outer/inner) [default: every convolution, after its BN/activation].",
 )
 @click.option(
-    "--cam-layer", default=None, help="The layer CAMs are computed on [default: the last conv]."
+    "--cam-layer",
+    default=None,
+    help="The layer CAMs and gradients are computed on: any layer with a 4-D output, by "
+    "name or outer/inner path [default: the final feature map, what the head pools].",
 )
 @click.option(
     "--labels",
@@ -280,12 +291,7 @@ def export(
         calibration=calibration,
         tolerance=tolerance,
     )
-    worst = r.spec.parity.get("worst", 0.0)
-    click.echo(
-        f"wrote {r.path} ({r.size_bytes / 1e6:.2f} MB) in {r.seconds:.1f} s: "
-        f"{len(r.spec.activation_outputs)} conv outputs, head {r.spec.head.kind}, "
-        f"CAM layer {r.spec.cam_layer}; parity worst {worst:.2g} (details {r.parity_path})"
-    )
+    click.echo(printable(r.summary()))
 
 
 @main.command()

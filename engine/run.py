@@ -343,8 +343,10 @@ class Runner:
                 covered.update(json.loads(meta.read_text())["ids"])
             except (OSError, ValueError, KeyError):
                 self._drop_shard(meta)
-        for tmp in (self.outdir / "shards").glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        # temporaries of atomic writes a kill interrupted (only names the engine makes)
+        for pattern in ("shards/.*.tmp", "maps/.*.npz.*.tmp"):
+            for tmp in self.outdir.glob(pattern):
+                tmp.unlink(missing_ok=True)
         keep, seen = [], set()
         for r in records:
             rid = r.get("id")

@@ -10,7 +10,7 @@ import numpy as np
 
 from convlens.engine import contract as C
 
-from .backward import backward
+from .backward import Ops, backward, matmul_t
 from .errors import ExportError, UnsupportedHead
 from .plan import Plan, scores_from_trace
 from .trace import Recorder, Trace
@@ -38,11 +38,12 @@ def head_gradients(tf: Any, plan: Plan, trace: Trace, scores: Any, resolved: Any
     n_cls = plan.num_classes
     seed = tf.one_hot(resolved, n_cls, dtype=scores.dtype)  # (N, T, C) on scores
     g = seed[..., 1:2] - seed[..., 0:1] if plan.binary_sigmoid else seed  # on z
+    last = by_name[plan.final]
+    nt = tf.shape(resolved)[:2]
     if plan.final_mode == "dense":
-        kernel = by_name[plan.final].weights[0]
-        g = tf.einsum("ntu,du->ntd", g, tf.constant(kernel))
-    head = [by_name[n] for n in plan.head_calls]
-    return backward(tf, head, g)
+        g = matmul_t(Ops(tf, nt), g, tf.convert_to_tensor(last.layer.kernel))
+    end = last.output if plan.final_mode == "linear" else last.input_tensors[0]
+    return backward(tf, trace, by_name[plan.cam_exposed].output, end, g, nt)
 
 
 def probe_gradients(tf: Any, plan: Plan, trace: Trace) -> None:
@@ -61,7 +62,7 @@ def probe_gradients(tf: Any, plan: Plan, trace: Trace) -> None:
 
 def output_names(plan: Plan, with_gradients: bool) -> list[str]:
     names = [C.OUT_PREDICTIONS, C.OUT_SCORES]
-    names += [C.ACT_PREFIX + e.conv for e in plan.exposed]
+    names += [C.ACT_PREFIX + e.name for e in plan.exposed]
     if with_gradients:
         names += [C.OUT_GRADIENTS, C.OUT_TARGET_INDICES]
     return names
@@ -84,7 +85,7 @@ def make_function(
     target_spec = tf.TensorSpec([None, None], tf.int64, name=C.IN_TARGETS)
 
     def outputs(image: Any, targets: Any | None) -> list[Any]:
-        with recorder.recording() as trace:
+        with recorder.recording(rewrite_with=tf) as trace:
             y = model(image, training=False)
         if plain:
             return [y]
@@ -139,6 +140,7 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
             "tf2onnx cannot convert these TensorFlow ops: "
             + "; ".join(f"{op} (in {', '.join(where[:3])})" for op, where in unconverted.items())
         )
+    fold_captured_inputs(model_proto, fn.get_concrete_function(*sig))
     graph = model_proto.graph
     if len(graph.output) != len(names):
         raise ExportError(
@@ -157,6 +159,47 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
     _name_dynamic_dims(graph)
     dedupe_initializers(model_proto)
     return model_proto
+
+
+def fold_captured_inputs(model_proto: Any, concrete: Any) -> None:
+    """Make every graph input other than the image and targets an initializer.
+
+    tf2onnx turns tensors a tf.function captured from eager code (a Normalization
+    layer's mean and variance) into extra graph inputs that nobody can feed; their
+    values are the concrete function's captured inputs.  Anything else left over is
+    named, with the layer it belongs to.
+    """
+    from onnx import numpy_helper
+
+    graph = model_proto.graph
+    wanted = {C.IN_IMAGE, C.IN_TARGETS}
+    extra = [i for i in graph.input if i.name not in wanted]
+    if not extra:
+        return
+    explicit = len(concrete.inputs) - len(concrete.captured_inputs)
+    values: dict[str, np.ndarray] = {}
+    for inner, outer in zip(concrete.inputs[explicit:], concrete.captured_inputs, strict=True):
+        if outer.dtype.name == "resource":
+            continue
+        values[inner.name] = np.asarray(outer.numpy())
+        values[inner.name.split(":")[0]] = values[inner.name]
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name)
+    leaked = []
+    for vi in extra:
+        value = values.get(vi.name, values.get(vi.name.split(":")[0]))
+        if value is None:
+            where = consumers.get(vi.name, [vi.name])
+            leaked.append(f"{vi.name} (used by {_layer_of(where[0])})")
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, vi.name))
+        graph.input.remove(vi)
+    if leaked:
+        raise ExportError(
+            "the converted graph needs inputs other than the image: " + "; ".join(leaked)
+        )
 
 
 def dedupe_initializers(model_proto: Any) -> int:

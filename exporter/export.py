@@ -21,9 +21,11 @@ import numpy as np
 
 from convlens import __version__
 from convlens.engine import contract as C
+from convlens.engine.cams import METHODS
 from convlens.engine.images import ImageError, Preprocessor, discover, read_image
 from convlens.engine.inspect import dims
 from convlens.engine.results import atomic_write_bytes
+from convlens.pipeline import demo_paths
 
 from .build import (
     add_constant_output,
@@ -35,6 +37,7 @@ from .build import (
     tape_gradients,
 )
 from .errors import ExportError
+from .families import default_preprocess, recognise
 from .loading import load_keras_model
 from .plan import Plan, make_plan
 from .tfenv import import_tf
@@ -50,6 +53,71 @@ class ExportResult:
     spec: C.ModelSpec
     seconds: float
     size_bytes: int
+    peak_rss_mb: float = 0.0
+
+    @property
+    def methods(self) -> dict[str, str | None]:
+        """CAM method -> None when the engine can run it on this file, else why not."""
+        return method_availability(self.spec)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Unavailable methods, with the reason, and an assumed preprocessing."""
+        out = []
+        missing: dict[str, list[str]] = {}
+        for name, why in self.methods.items():
+            if why is not None:
+                missing.setdefault(why, []).append(name)
+        for why, names in missing.items():
+            out.append(f"{', '.join(names)} unavailable: {why}")
+        reason = str(self.spec.source.get("preprocess_reason", ""))
+        if reason.startswith("assumed"):
+            out.append(f"preprocessing {reason}")
+        return out
+
+    def summary(self) -> str:
+        """The one line ``convlens export`` prints."""
+        s = self.spec
+        ok = [m for m, why in self.methods.items() if why is None]
+        line = (
+            f"wrote {self.path} ({self.size_bytes / 1e6:.2f} MB) in {self.seconds:.1f} s: "
+            f"{len(s.activation_outputs)} exposed layers, head {s.head.kind}, "
+            f"CAM tensor {s.cam_layer} {_hw(s)}; methods {', '.join(ok) or 'none'}; "
+            f"preprocessing {s.preprocess.kind} ({s.source.get('preprocess_reason', '')}); "
+            f"parity worst {s.parity.get('worst', 0.0):.2g} (details {self.parity_path})"
+        )
+        return line + "".join(f"; WARNING {w}" for w in self.warnings)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (0 where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _hw(spec: C.ModelSpec) -> str:
+    out = {o.name: o for o in spec.outputs}.get(C.ACT_PREFIX + str(spec.cam_layer))
+    return "x".join(str(d) for d in out.shape[1:]) if out else ""
+
+
+def method_availability(spec: C.ModelSpec) -> dict[str, str | None]:
+    """Each engine CAM method: None if this analysis file serves it, else the reason."""
+    problems = list(spec.source.get("gradient_problems") or [])
+    out: dict[str, str | None] = {}
+    for name, method in METHODS.items():
+        why = None
+        if method.needs_weights and not spec.head.cam_available:
+            why = (
+                f"the head after {spec.cam_layer} is not global average pooling then a "
+                f"linear layer ({spec.head.kind} head)"
+            )
+        elif method.needs_gradients and not spec.head.gradients_available:
+            why = "no gradient rule for " + "; ".join(problems[:5])
+        out[name] = why
+    return out
 
 
 def export_model(
@@ -111,7 +179,7 @@ def export_loaded(
             model(np.zeros((1, inp.height, inp.width, inp.channels), np.float32), training=False)
         plan = make_plan(trace, layers, cam_layer)
         probe_gradients(tf, plan, trace)
-        pre = _preprocess(preprocess, trace)
+        pre, pre_reason = _preprocess(preprocess, model, trace)
         class_names = _class_names(labels, model, plan.num_classes)
         with_grads = plan.gradients_available
         fn, sig = make_function(
@@ -124,6 +192,9 @@ def export_loaded(
             add_constant_output(proto, C.OUT_CAM_BIAS, plan.cam_bias)
             dedupe_initializers(proto)  # the CAM weights are the dense kernel itself
         spec = _spec(plan, inp, pre, class_names, proto, source_path, keras, tf)
+        spec.source["preprocess_reason"] = pre_reason
+        found = recognise(model)
+        spec.source["family"] = found[0].name if found else None
         images, source = _parity_inputs(calibration, inp, pre, n_calibration, seed)
         parity = check_parity(tf, model, recorder, plan, fn, proto, images, with_grads)
     finally:
@@ -153,6 +224,7 @@ def export_loaded(
         spec=spec,
         seconds=time.perf_counter() - t0,
         size_bytes=out.stat().st_size,
+        peak_rss_mb=peak_rss_mb(),
     )
 
 
@@ -211,17 +283,15 @@ def _input_spec(model: Any) -> C.InputSpec:
     )
 
 
-def _preprocess(text: str | None, trace: Any) -> C.Preprocess:
+def _preprocess(text: str | None, model: Any, trace: Any) -> tuple[C.Preprocess, str]:
+    """The preprocessing and why: the user's, else the recognised family's, else x/255."""
     if text:
         try:
-            return C.Preprocess.parse(text)
+            return C.Preprocess.parse(text), "given with --preprocess"
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
-    # A model that rescales inside itself takes raw 0..255 pixels.
-    kinds = [c.kind for c in trace.calls[:3]]
-    if "Rescaling" in kinds or "Normalization" in kinds:
-        return C.Preprocess.parse("none")
-    return C.Preprocess.parse("unit")
+    preset, reason = default_preprocess(model, [c.kind for c in trace.calls[:3]])
+    return C.Preprocess.parse(preset), reason
 
 
 def _class_names(labels: str | Path | list[str] | None, model: Any, n: int) -> list[str]:
@@ -264,8 +334,8 @@ def _spec(
         C.OutputSpec(C.OUT_SCORES, C.ROLE_SCORES, shapes[C.OUT_SCORES]),
     ]
     for e in plan.exposed:
-        name = C.ACT_PREFIX + e.conv
-        outputs.append(C.OutputSpec(name, C.ROLE_ACTIVATION, shapes[name], layer=e.conv))
+        name = C.ACT_PREFIX + e.name
+        outputs.append(C.OutputSpec(name, C.ROLE_ACTIVATION, shapes[name], layer=e.name))
     if plan.gradients_available:
         outputs.append(
             C.OutputSpec(C.OUT_GRADIENTS, C.ROLE_GRADIENTS, shapes[C.OUT_GRADIENTS], plan.cam_layer)
@@ -294,7 +364,7 @@ def _spec(
         "keras": getattr(keras, "__version__", "?"),
         "tensorflow": tf.__version__,
         "python": platform.python_version(),
-        "exposed_tensors": {e.conv: e.exposed for e in plan.exposed},
+        "exposed_tensors": {e.name: e.exposed for e in plan.exposed},
         "gradient_problems": plan.gradient_problems,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -313,14 +383,19 @@ def _spec(
 def _parity_inputs(
     calibration: str | Path | None, inp: C.InputSpec, pre: C.Preprocess, n: int, seed: int
 ) -> tuple[np.ndarray, str]:
+    """Real photographs: ``--calibration DIR``, else the bundled demo photos (spread over
+    their classes); seeded noise only if neither is there."""
     prep = Preprocessor(inp, pre)
-    if calibration is not None:
-        found = discover([str(calibration)])
+    given = calibration is not None
+    folder = Path(calibration) if calibration is not None else demo_paths()[1]
+    if given or folder.is_dir():
+        found = discover([str(folder)])
         if not found.files:
             reason = found.problems[0][1] if found.problems else "no images"
             raise ExportError(f"--calibration {calibration}: {reason}")
+        files = found.files if given else found.files[:: max(1, len(found.files) // n)]
         batch = []
-        for f in found.files:
+        for f in files:
             try:
                 batch.append(prep(read_image(f)))
             except ImageError:
@@ -329,21 +404,49 @@ def _parity_inputs(
                 break
         if not batch:
             raise ExportError(f"--calibration {calibration}: no readable image")
-        return np.stack(batch).astype(np.float32), f"calibration:{len(batch)} images"
+        what = "calibration" if given else "bundled photos"
+        return np.stack(batch).astype(np.float32), f"{what}:{len(batch)} images"
     rng = np.random.default_rng(seed)
     noise = rng.integers(0, 256, size=(n, inp.height, inp.width, 3), dtype=np.uint8)
     return np.stack([prep(img) for img in noise]), f"noise:{n} images, seed {seed}"
 
 
-def _diff(ref: np.ndarray, got: np.ndarray, gradient: bool = False) -> dict[str, float]:
-    """max abs / relative difference; ``score`` is what the tolerance applies to.
+def gradient_diff(
+    ref: np.ndarray, got: np.ndarray, ref_a: np.ndarray, got_a: np.ndarray
+) -> dict[str, float]:
+    """Gradients (N, T, h, w, k) judged on what the CAM methods consume.
 
-    For values: max |got - ref| / max(1, max |ref|).  For gradients: the relative L2
-    error ||got - ref|| / ||ref||, because a max-pooling gradient is discontinuous:
-    where two values of a pooling window agree to float32 precision, TensorFlow and
-    onnxruntime may route that window's gradient to different (equally correct)
-    positions, a large difference at one position that max-abs would call a failure.
+    ``score`` is the worst relative L2 error of the per-channel sums over positions of
+    g (Grad-CAM's weights) and of g * A (what Grad-CAM++'s and the map's weighting
+    read), with A (N, h, w, k) the CAM tensor.  Where two values of a max-pooling
+    window tie to float precision, TensorFlow and onnxruntime may route that window's
+    gradient to different, equally correct cells: both sums are the same either way
+    (tied cells hold the same A), while an element-wise comparison would call it a
+    failure.  A wrong gradient (scaled, shifted, routed to a cell that is not a max)
+    changes one of the sums.  The element-wise figures are reported too.
     """
+    out = _diff(ref, got)
+    ref = np.asarray(ref, np.float64)
+    got = np.asarray(got, np.float64)
+    worst = 0.0
+    for r, g in (
+        (ref.sum(axis=(2, 3)), got.sum(axis=(2, 3))),
+        (
+            (ref * np.asarray(ref_a, np.float64)[:, None]).sum(axis=(2, 3)),
+            (got * np.asarray(got_a, np.float64)[:, None]).sum(axis=(2, 3)),
+        ),
+    ):
+        norm = float(np.linalg.norm(r))
+        err = float(np.linalg.norm(r - g))
+        worst = max(worst, err / norm if norm > 0 else err)
+    out["elementwise_rel_l2"] = out["rel_l2"]
+    out["score"] = worst
+    return out
+
+
+def _diff(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """max abs, relative and relative L2 difference; ``score`` (what the tolerance
+    applies to) is max |got - ref| / max(1, max |ref|)."""
     ref = np.asarray(ref, np.float64)
     got = np.asarray(got, np.float64)
     if ref.shape != got.shape:
@@ -356,7 +459,7 @@ def _diff(ref: np.ndarray, got: np.ndarray, gradient: bool = False) -> dict[str,
         "max_abs": max_abs,
         "max_rel": max_abs / scale if scale > 0 else 0.0,
         "rel_l2": rel_l2,
-        "score": rel_l2 if gradient else max_abs / max(1.0, scale),
+        "score": max_abs / max(1.0, scale),
         "ref_max_abs": scale,
     }
 
@@ -390,6 +493,7 @@ def check_parity(
     )
     ref = dict(zip(output_names(plan, with_grads), [np.asarray(r) for r in ref_list], strict=True))
     result: dict[str, Any] = {"n_images": int(len(images)), "outputs": {}}
+    cam_act = C.ACT_PREFIX + plan.cam_layer
     for name, value in ref.items():
         if name == C.OUT_TARGET_INDICES:
             agree = float(np.mean(value == got[name]))
@@ -400,7 +504,10 @@ def check_parity(
                 "ref_max_abs": 0.0,
             }
             continue
-        result["outputs"][name] = _diff(value, got[name], gradient=name == C.OUT_GRADIENTS)
+        if name == C.OUT_GRADIENTS:
+            result["outputs"][name] = gradient_diff(value, got[name], ref[cam_act], got[cam_act])
+        else:
+            result["outputs"][name] = _diff(value, got[name])
     keras_pred = np.asarray(model(tf.constant(images), training=False))
     if plan.binary_sigmoid:
         keras_pred = np.concatenate([1.0 - keras_pred, keras_pred], axis=1)
@@ -408,8 +515,8 @@ def check_parity(
     if with_grads:
         resolved = got[C.OUT_TARGET_INDICES]
         tape = tape_gradients(tf, model, recorder, plan, images, resolved)
-        result["outputs"]["gradients_vs_gradienttape"] = _diff(
-            tape, got[C.OUT_GRADIENTS], gradient=True
+        result["outputs"]["gradients_vs_gradienttape"] = gradient_diff(
+            tape, got[C.OUT_GRADIENTS], ref[cam_act], got[cam_act]
         )
     return result
 

@@ -1,26 +1,32 @@
-"""Decide what an analysis export contains: exposed conv layers, the CAM layer, the head.
+"""Decide what an analysis export contains: exposed layers, the CAM tensor, the head.
 
-The plan is made from one eager trace of the model and refers to layers by name, so it
+The plan is made from one eager trace of the model and refers to calls by name, so it
 can be re-applied to every later trace (inside tf.function, under a GradientTape).
+
+The CAM tensor is by default the backbone's final spatial feature map: the 4-D tensor
+that the head's global pooling or Flatten consumes, whatever layer produced it (the
+Activation after a residual Add, a Concatenate, a nested base model's output).
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .backward import activation_name, check_head
+from .backward import activation_name, check_path, path_calls
 from .errors import ExportError
-from .trace import CONV_KINDS, IDENTITY_KINDS, POST_CONV_KINDS, Call, Trace
+from .trace import CONV_KINDS, IDENTITY_KINDS, POOL_KINDS, POST_CONV_KINDS, Call, Trace
 
 
 @dataclass
 class ExposedLayer:
-    """A conv layer and the call whose output is exposed (the conv, or its BN/activation)."""
+    """An exposed activation: ``act/<name>`` is the output of the call ``exposed``
+    (for a convolution, after the BN/activation layers that alone consume it)."""
 
-    conv: str
+    name: str
     exposed: str
     kind: str
 
@@ -28,7 +34,7 @@ class ExposedLayer:
 @dataclass
 class Plan:
     exposed: list[ExposedLayer]
-    cam_layer: str  # conv name
+    cam_layer: str  # the name of the exposed activation that is the CAM tensor
     cam_exposed: str  # call name whose output is A
     final: str  # name of the last call
     final_mode: str  # "dense" (recompute z = xW+b), "activation" (z = input), "linear" (z = output)
@@ -36,7 +42,7 @@ class Plan:
     units: int
     binary_sigmoid: bool
     head_kind: str  # gap_dense | class_conv | dense
-    head_calls: list[str]  # calls between A and z (exclusive of the final dense/activation)
+    head_calls: list[str]  # calls on the paths from A to z
     gradient_problems: list[str] = field(default_factory=list)
     cam_weights: np.ndarray | None = None
     cam_bias: np.ndarray | None = None
@@ -50,22 +56,60 @@ class Plan:
         return not self.gradient_problems
 
 
-def _exposed_index(calls: list[Call], i: int) -> int:
+def _exposed_index(trace: Trace, i: int) -> int:
+    """Follow a conv's consumer chain while its one consumer is a BN/activation layer."""
+    calls = trace.calls
     j = i
-    while (
-        j + 1 < len(calls)
-        and calls[j + 1].kind in POST_CONV_KINDS
-        and _feeds(calls[j], calls[j + 1])
-    ):
-        j += 1
-    return j
+    while True:
+        users = trace.consumers(calls[j].output)
+        if len(users) != 1:
+            return j
+        u = users[0]
+        if calls[u].kind not in POST_CONV_KINDS or len(calls[u].input_tensors) != 1:
+            return j
+        j = u
 
 
-def _feeds(a: Call, b: Call) -> bool:
-    x = b.inputs
-    if isinstance(x, (list, tuple)):
-        return len(x) == 1 and x[0] is a.output
-    return x is a.output
+def _is_4d(c: Call) -> bool:
+    return hasattr(c.output, "shape") and len(c.output.shape) == 4
+
+
+def _spatial(c: Call) -> int:
+    return int(c.output.shape[1] or 0) * int(c.output.shape[2] or 0)
+
+
+def _find_call(trace: Trace, name: str) -> int | None:
+    for i, c in enumerate(trace.calls):
+        if name in (c.name, c.path):
+            return i
+    return None
+
+
+def _unknown_layer(what: str, name: str, candidates: list[Call]) -> ExportError:
+    names = [c.name for c in candidates]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    last = names[-5:]
+    hint = ", ".join(dict.fromkeys([*close, *reversed(last)]))
+    return ExportError(f"{what}: no layer named {name!r} with a 4-D output; try one of: {hint}")
+
+
+def _default_cam(trace: Trace) -> int:
+    """The call whose output the head's last global pooling / Flatten consumes."""
+    calls = trace.calls
+    for c in reversed(calls):
+        if c.kind in POOL_KINDS and len(c.input_tensors) == 1:
+            x = c.input_tensors[0]
+            if len(x.shape) == 4 and int(x.shape[1]) * int(x.shape[2]) > 1:
+                p = trace.producer(x)
+                if p is not None:
+                    return p
+    spatial = [i for i, c in enumerate(calls) if c.kind in CONV_KINDS and _spatial(c) > 1]
+    if not spatial:
+        raise ExportError(
+            "the model has no spatial feature map larger than 1x1 to make a CAM from; "
+            "export at a larger input size"
+        )
+    return _exposed_index(trace, spatial[-1])
 
 
 def make_plan(trace: Trace, layers: list[str] | None, cam_layer: str | None) -> Plan:
@@ -78,41 +122,47 @@ def make_plan(trace: Trace, layers: list[str] | None, cam_layer: str | None) -> 
             "the model has no convolution layer (Conv2D, SeparableConv2D, DepthwiseConv2D): "
             "nothing for convlens to show"
         )
-    conv_names = [calls[i].name for i in convs]
     for i in convs:
         if len(calls[i].output.shape) != 4:
             raise ExportError(f"layer {calls[i].name}: only 2-D convolutions are supported")
+    four_d = [c for c in calls if _is_4d(c)]
 
     if layers:
-        unknown = [n for n in layers if n not in conv_names]
+        unknown = [n for n in layers if _find_call(trace, n) is None]
         if unknown:
-            raise ExportError(
-                f"--layers: no convolution layer named {', '.join(unknown)}; "
-                f"the model's are: {', '.join(conv_names)}"
-            )
-    chosen = [i for i in convs if not layers or calls[i].name in layers]
-
-    if cam_layer is None:
-        cam_i = convs[-1]
+            raise _unknown_layer("--layers", unknown[0], four_d)
+        chosen = [i for i in (_find_call(trace, n) for n in layers) if i is not None]
     else:
-        if cam_layer not in conv_names:
-            raise ExportError(
-                f"--cam-layer: no convolution layer named {cam_layer}; "
-                f"the model's are: {', '.join(conv_names)}"
-            )
-        cam_i = conv_names.index(cam_layer)
-        cam_i = convs[cam_i]
-    if cam_i not in chosen:
-        chosen.append(cam_i)
-        chosen.sort()
+        chosen = list(convs)
 
-    exposed = [
-        ExposedLayer(
-            conv=calls[i].name, exposed=calls[_exposed_index(calls, i)].name, kind=calls[i].kind
-        )
-        for i in chosen
-    ]
-    a_i = _exposed_index(calls, cam_i)
+    exposed: list[ExposedLayer] = []
+    by_tensor: dict[int, str] = {}
+    for i in chosen:
+        c = calls[i]
+        if not _is_4d(c):
+            raise ExportError(f"--layers: {c.name} has no 4-D output")
+        j = _exposed_index(trace, i) if c.kind in CONV_KINDS else i
+        exposed.append(ExposedLayer(name=c.name, exposed=calls[j].name, kind=c.kind))
+        by_tensor.setdefault(id(calls[j].output), c.name)
+
+    # --- the CAM tensor -------------------------------------------------------------
+    if cam_layer is None:
+        a_i = _default_cam(trace)
+    else:
+        found = _find_call(trace, cam_layer)
+        if found is None or not _is_4d(calls[found]):
+            raise _unknown_layer("--cam-layer", cam_layer, four_d)
+        a_i = _exposed_index(trace, found) if calls[found].kind in CONV_KINDS else found
+    a = calls[a_i].output
+    if id(a) in by_tensor:
+        cam_name = by_tensor[id(a)]
+    else:
+        # the CAM tensor is a conv's exposed output (conv -> BN -> ReLU): name it by the conv
+        conv_of = [i for i in convs if calls[_exposed_index(trace, i)].output is a]
+        cam_name = calls[conv_of[0]].name if conv_of else calls[a_i].name
+        exposed.append(ExposedLayer(name=cam_name, exposed=calls[a_i].name, kind=calls[a_i].kind))
+        order = {c.name: n for n, c in enumerate(calls)}
+        exposed.sort(key=lambda e: order[e.exposed])
 
     # --- the final layer and the class scores -------------------------------------
     last = calls[-1]
@@ -136,55 +186,18 @@ def make_plan(trace: Trace, layers: list[str] | None, cam_layer: str | None) -> 
     binary = act == "sigmoid" and units == 1
 
     # --- the head between A and z ----------------------------------------------------
-    end = len(calls) if final_mode == "linear" else len(calls) - 1
-    problems: list[str] = []
-    if not trace.chain_ok(a_i):
-        problems.append(
-            f"the layers after {calls[a_i].name} are not a single chain (branches or skip "
-            "connections after the CAM layer)"
-        )
-    head = calls[a_i + 1 : end]
-    problems += check_head(head)
-
-    # layers that do not change a (N, k) vector after global pooling do not matter here
-    core = [c for c in calls[a_i + 1 :] if c.kind not in (*IDENTITY_KINDS, "Flatten", "Reshape")]
-    k = int(calls[a_i].output.shape[-1])
-    head_kind = "dense"
-    w = b = None
-    if core and core[0].kind == "GlobalAveragePooling2D" and trace.chain_ok(a_i):
-        rest = core[1:]
-        dense = None
-        if len(rest) == 1 and rest[0].kind == "Dense" and rest[0] is last:
-            dense = last  # GAP -> Dense(softmax/sigmoid/linear)
-        elif (
-            len(rest) == 2
-            and rest[0].kind == "Dense"
-            and activation_name(rest[0].layer.activation) == "linear"
-            and rest[1] is last
-            and final_mode == "activation"
-        ):
-            dense = rest[0]  # GAP -> Dense(linear) -> Activation/Softmax
-        if dense is not None:
-            head_kind = "gap_dense"
-            w = np.asarray(dense.weights[0], dtype=np.float32)
-            b = (
-                np.asarray(dense.weights[1], dtype=np.float32)
-                if dense.layer.use_bias
-                else np.zeros(units, np.float32)
-            )
-        elif (
-            not rest or (len(rest) == 1 and rest[0] is last and final_mode == "activation")
-        ) and k == units:
-            head_kind = "class_conv"
-            w = np.eye(k, dtype=np.float32)
-            b = np.zeros(units, np.float32)
+    end = last.output if final_mode == "linear" else last.input_tensors[0]
+    problems = check_path(trace, a, end)
+    head = [calls[i] for i in path_calls(trace, a, end)]
+    k = int(a.shape[-1])
+    head_kind, w, b = _cam_weights(trace, a_i, head, last, final_mode, k, units)
     if binary and w is not None and b is not None:
         w = np.concatenate([-w, w], axis=1)
         b = np.concatenate([-b, b])
 
     return Plan(
         exposed=exposed,
-        cam_layer=calls[cam_i].name,
+        cam_layer=cam_name,
         cam_exposed=calls[a_i].name,
         final=last.name,
         final_mode=final_mode,
@@ -199,6 +212,52 @@ def make_plan(trace: Trace, layers: list[str] | None, cam_layer: str | None) -> 
     )
 
 
+def _cam_weights(
+    trace: Trace, a_i: int, head: list[Call], last: Call, final_mode: str, k: int, units: int
+) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    """("gap_dense", W, b) when the scores are an affine map of GAP(A): GAP, then a
+    linear Dense or 1x1 Conv2D (MobileNet's classifier) among identity/reshape layers;
+    ("class_conv", I, 0) when A has one channel per class; else ("dense", None, None)."""
+    calls = trace.calls
+    chain = [calls[a_i], *head, *([last] if final_mode != "linear" else [])]
+    for prev, c in zip(chain, chain[1:], strict=False):
+        if len(c.input_tensors) != 1 or c.input_tensors[0] is not prev.output:
+            return "dense", None, None
+    core = [c for c in chain[1:] if c.kind not in (*IDENTITY_KINDS, "Flatten", "Reshape")]
+    if not core or core[0].kind != "GlobalAveragePooling2D":
+        return "dense", None, None
+    rest = core[1:]
+    if rest and rest[-1] is last and final_mode == "activation":
+        rest = rest[:-1]
+    if not rest and k == units:
+        return "class_conv", np.eye(k, dtype=np.float32), np.zeros(units, np.float32)
+    if len(rest) != 1:
+        return "dense", None, None
+    lin = rest[0]
+    if activation_name(getattr(lin.layer, "activation", None)) not in ("linear",) and not (
+        lin is last and final_mode == "dense"
+    ):
+        return "dense", None, None
+    if lin.kind == "Dense":
+        kernel = np.asarray(lin.weights[0], np.float32)
+    elif (
+        lin.kind == "Conv2D"
+        and tuple(lin.layer.kernel_size) == (1, 1)
+        and int(getattr(lin.layer, "groups", 1) or 1) == 1
+    ):
+        kernel = np.asarray(lin.weights[0], np.float32)[0, 0]
+    else:
+        return "dense", None, None
+    if kernel.shape != (k, units):
+        return "dense", None, None
+    bias = (
+        np.asarray(lin.weights[1], np.float32)
+        if getattr(lin.layer, "use_bias", False)
+        else np.zeros(units, np.float32)
+    )
+    return "gap_dense", kernel, bias
+
+
 def scores_from_trace(tf: Any, plan: Plan, trace: Trace) -> tuple[Any, Any, Any]:
     """``(z, scores, predictions)`` recomputed from a trace, consistently with the plan.
 
@@ -209,10 +268,9 @@ def scores_from_trace(tf: Any, plan: Plan, trace: Trace) -> tuple[Any, Any, Any]
     last = by_name[plan.final]
     x = last.inputs[0] if isinstance(last.inputs, (list, tuple)) else last.inputs
     if plan.final_mode == "dense":
-        weights = last.weights
-        z = tf.matmul(x, tf.constant(weights[0]))
+        z = tf.matmul(x, tf.convert_to_tensor(last.layer.kernel))
         if last.layer.use_bias:
-            z = z + tf.constant(weights[1])
+            z = z + tf.convert_to_tensor(last.layer.bias)
     elif plan.final_mode == "activation":
         z = x
     else:

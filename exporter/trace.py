@@ -1,16 +1,27 @@
-"""Record what a Keras model does when called: every leaf layer's input and output.
+"""Record what a Keras model does when called: every operation's inputs and output.
 
 Nested models (Sequential or Functional inside Functional, any depth) are walked down
-to their leaf layers; each leaf's ``call`` is wrapped so that calling the model inside a
-``tf.function`` (or eagerly, under a GradientTape) records ``(layer, input, output)`` in
-execution order.  This works the same for Sequential, Functional and nested models and
-for models loaded from legacy .h5, because it uses the one call graph that actually runs
-(no ``layer.output`` of another graph).
+to their leaf layers, and the raw Keras 3 operations of a Functional graph (``x + 3.0``,
+``ops.multiply``) are included; each one's ``call`` is wrapped so that calling the model
+inside a ``tf.function`` (or eagerly, under a GradientTape) records ``(layer, inputs,
+output)`` in execution order.  This uses the one call graph that actually runs (no
+``layer.output`` of another graph), for Sequential, Functional, nested and legacy .h5
+models alike.
+
+A :class:`Trace` is a graph: tensors are matched by identity, so every call knows which
+calls produced its inputs and which consume its output.
+
+While recording for the export, :data:`REWRITES` replaces the few Keras forward
+implementations that tf2onnx cannot convert by equivalent TensorFlow ops (grouped
+convolutions, which Keras' TF backend compiles through a nested XLA function, and
+exact GELU, which uses ``Erfc``).  References (Keras predictions, GradientTape) always
+run the original Keras code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,47 +36,65 @@ IDENTITY_KINDS = (
     "AlphaDropout",
     "ActivityRegularization",
     "Identity",
+    "StochasticDepth",  # ConvNeXt
 )
 # layers that directly follow a conv and belong to "its activation"
 POST_CONV_KINDS = ("BatchNormalization", "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU")
+POOL_KINDS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten")
+OP_PREFIX = "op:"  # kind of a raw Keras 3 operation (not a Layer), e.g. "op:Add"
+
+_ALIASES = {
+    "MaxPool2D": "MaxPooling2D",
+    "AvgPool2D": "AveragePooling2D",
+    "GlobalAvgPool2D": "GlobalAveragePooling2D",
+    "GlobalMaxPool2D": "GlobalMaxPooling2D",
+}
+_KNOWN = (
+    *CONV_KINDS,
+    *IDENTITY_KINDS,
+    "Dense",
+    "Flatten",
+    "Reshape",
+    "GlobalAveragePooling2D",
+    "GlobalMaxPooling2D",
+    "MaxPooling2D",
+    "AveragePooling2D",
+    "BatchNormalization",
+    "LayerNormalization",
+    "Activation",
+    "ReLU",
+    "LeakyReLU",
+    "ELU",
+    "PReLU",
+    "Softmax",
+    "Rescaling",
+    "Normalization",
+    "InputLayer",
+    "Add",
+    "Subtract",
+    "Multiply",
+    "Average",
+    "Concatenate",
+    "ZeroPadding2D",
+    "Cropping2D",
+    "LayerScale",
+)
 
 
 def layer_kind(layer: Any) -> str:
     """The Keras class name a layer is (or derives from), for rule lookup.
 
-    Class names rather than isinstance, so tf_keras (Keras 2) layers match too.
+    Class names rather than isinstance, so tf_keras (Keras 2) layers match too.  A raw
+    Keras 3 operation gets :data:`OP_PREFIX` before its class name.
     """
-    known = (
-        *CONV_KINDS,
-        *IDENTITY_KINDS,
-        "Dense",
-        "Flatten",
-        "Reshape",
-        "GlobalAveragePooling2D",
-        "GlobalMaxPooling2D",
-        "MaxPooling2D",
-        "AveragePooling2D",
-        "BatchNormalization",
-        "Activation",
-        "ReLU",
-        "LeakyReLU",
-        "ELU",
-        "PReLU",
-        "Softmax",
-        "Rescaling",
-        "Normalization",
-        "InputLayer",
-    )
-    for cls in type(layer).__mro__:
-        if cls.__name__ in known:
-            return cls.__name__
-        if cls.__name__ in ("MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "GlobalMaxPool2D"):
-            return {
-                "MaxPool2D": "MaxPooling2D",
-                "AvgPool2D": "AveragePooling2D",
-                "GlobalAvgPool2D": "GlobalAveragePooling2D",
-                "GlobalMaxPool2D": "GlobalMaxPooling2D",
-            }[cls.__name__]
+    mro = [c.__name__ for c in type(layer).__mro__]
+    if "Layer" not in mro:
+        return OP_PREFIX + type(layer).__name__
+    for name in mro:
+        if name in _KNOWN:
+            return name
+        if name in _ALIASES:
+            return _ALIASES[name]
     return type(layer).__name__
 
 
@@ -74,12 +103,31 @@ def is_container(layer: Any) -> bool:
     return any(c.__name__ in ("Model", "Functional", "Sequential") for c in type(layer).__mro__)
 
 
-def leaf_layers(model: Any) -> Iterator[Any]:
-    for layer in model.layers:
-        if is_container(layer):
-            yield from leaf_layers(layer)
+def _children(model: Any) -> list[Any]:
+    """A container's layers, and (Keras 3 Functional) its raw operations, in graph order."""
+    ops = getattr(model, "_operations", None)
+    if isinstance(ops, list) and ops:
+        return [op for op in ops if type(op).__name__ != "InputLayer"]
+    return list(model.layers)
+
+
+def leaf_operations(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(path, op)`` for every leaf layer and raw operation; path is ``outer/inner``."""
+    for op in _children(model):
+        path = f"{prefix}{op.name}"
+        if is_container(op):
+            yield from leaf_operations(op, path + "/")
         else:
-            yield layer
+            yield path, op
+
+
+def flat(value: Any) -> list[Any]:
+    """The tensors of a (possibly nested) list/tuple/dict structure, in order."""
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in flat(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flat(v)]
+    return [value] if hasattr(value, "shape") and hasattr(value, "dtype") else []
 
 
 @dataclass
@@ -87,10 +135,16 @@ class Call:
     layer: Any
     name: str
     kind: str
-    inputs: Any
+    inputs: Any  # the first positional argument (a tensor, or a list for merge layers)
     output: Any
     weights: list[Any] = field(default_factory=list)  # numpy, in get_weights() order
     named: dict[str, Any] = field(default_factory=dict)  # short weight name -> numpy
+    args: tuple[Any, ...] = ()  # every positional argument
+    path: str = ""  # outer/inner
+
+    @property
+    def input_tensors(self) -> list[Any]:
+        return flat(self.args)
 
 
 @dataclass
@@ -99,56 +153,132 @@ class Trace:
 
     def index_of(self, name: str) -> int:
         for i, c in enumerate(self.calls):
-            if c.name == name:
+            if name in (c.name, c.path):
                 return i
         raise KeyError(name)
 
-    def chain_ok(self, start: int) -> bool:
-        """True when calls[start+1:] form a single chain fed by calls[start]."""
-        prev = self.calls[start].output
-        for c in self.calls[start + 1 :]:
-            if not _same_tensor(c.inputs, prev):
-                return False
-            prev = c.output
-        return True
+    def producer(self, tensor: Any) -> int | None:
+        """Index of the call that output ``tensor`` (the last one, for pass-throughs)."""
+        for i in range(len(self.calls) - 1, -1, -1):
+            if any(t is tensor for t in flat(self.calls[i].output)):
+                return i
+        return None
+
+    def consumers(self, tensor: Any) -> list[int]:
+        return [i for i, c in enumerate(self.calls) if any(t is tensor for t in c.input_tensors)]
+
+    def descendants(self, tensor: Any) -> list[int]:
+        """Indices of the calls whose inputs depend on ``tensor``, in execution order."""
+        dep = {id(tensor)}  # ids are stable: the trace holds every tensor alive
+        out = []
+        for i, c in enumerate(self.calls):
+            if any(id(t) in dep for t in c.input_tensors):
+                out.append(i)
+                dep.update(id(t) for t in flat(c.output))
+        return out
 
 
-def _same_tensor(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)):
-        return len(a) == 1 and a[0] is b
-    return a is b
+# --- trace-time rewrites of forward passes tf2onnx cannot convert --------------------
+
+
+def _grouped_conv(tf: Any, layer: Any, x: Any) -> Any | None:
+    """Conv2D(groups > 1) without Keras' nested XLA function: depthwise when every group
+    has one input channel (ConvNeXt), else one convolution per group."""
+    groups = int(getattr(layer, "groups", 1) or 1)
+    if groups == 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
+        return None
+    kernel = tf.convert_to_tensor(layer.kernel)
+    kh, kw, cin_g, cout = (int(d) for d in kernel.shape)
+    strides = [1, *_pair(layer.strides), 1]
+    dil = _pair(layer.dilation_rate)
+    pad = str(layer.padding).upper()
+    if cin_g == 1:  # depthwise: out channel j reads input channel j // (cout // groups)
+        mult = cout // groups
+        k = tf.reshape(kernel, [kh, kw, groups, mult])
+        y = tf.nn.depthwise_conv2d(x, k, strides, pad, dilations=dil)
+    else:
+        xs = tf.split(x, groups, axis=-1)
+        ks = tf.split(kernel, groups, axis=-1)
+        y = tf.concat(
+            [tf.nn.conv2d(a, b, strides, pad, dilations=dil) for a, b in zip(xs, ks, strict=True)],
+            axis=-1,
+        )
+    if layer.use_bias:
+        y = y + tf.convert_to_tensor(layer.bias)
+    return layer.activation(y) if layer.activation is not None else y
+
+
+def gelu_erf(tf: Any, x: Any, approximate: bool = False) -> Any:
+    """GELU with Erf (which ONNX has) instead of TF's Erfc; tanh form when approximate."""
+    if approximate:
+        c = math.sqrt(2.0 / math.pi)
+        return 0.5 * x * (1.0 + tf.tanh(c * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + tf.math.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (list, tuple)):
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+# kind -> rewrite(tf, layer, first input) returning the output, or None to run Keras
+REWRITES: dict[str, Callable[[Any, Any, Any], Any | None]] = {"Conv2D": _grouped_conv}
+
+
+@contextlib.contextmanager
+def _patched_gelu(tf: Any) -> Iterator[None]:
+    """tf.nn.gelu (what Keras' TF backend calls, for Activation and Dense alike) as Erf."""
+    original = tf.nn.gelu
+
+    def gelu(x: Any, approximate: bool = False, name: Any = None) -> Any:
+        return gelu_erf(tf, tf.convert_to_tensor(x), bool(approximate))
+
+    tf.nn.gelu = gelu
+    try:
+        yield
+    finally:
+        tf.nn.gelu = original
 
 
 class Recorder:
-    """Wraps every leaf layer's ``call``; ``with recorder.recording() as trace: model(x)``."""
+    """Wraps every leaf's ``call``; ``with recorder.recording() as trace: model(x)``."""
 
     def __init__(self, model: Any):
         self.model = model
-        self.leaves = list(leaf_layers(model))
-        self.names = _unique_names(self.leaves)
+        self.leaves = list(leaf_operations(model))
+        self.names = _unique_names([op for _, op in self.leaves])
+        self.paths = {id(op): path for path, op in self.leaves}
         self._active: Trace | None = None
+        self._rewrite: Any = None  # the tf module while rewriting, else None
         self._hooks: dict[str, Callable[[Any], Any]] = {}
         self._originals: list[tuple[Any, Any]] = []
         # weights read eagerly once: inside tf.function they cannot be read as numpy
         self.weights: dict[str, tuple[list[Any], dict[str, Any]]] = {}
-        for layer in self.leaves:
-            arrays = [w for w in layer.get_weights()]
+        for _, layer in self.leaves:
+            arrays = list(layer.get_weights()) if hasattr(layer, "get_weights") else []
             named = {}
-            for var, arr in zip(layer.weights, arrays, strict=False):
+            for var, arr in zip(getattr(layer, "weights", []), arrays, strict=False):
                 short = str(getattr(var, "path", None) or var.name).split("/")[-1]
                 named[short.split(":")[0]] = arr
             self.weights[self.names[id(layer)]] = (arrays, named)
-        for layer in self.leaves:
+        for _, layer in self.leaves:
             self._wrap(layer)
 
     def _wrap(self, layer: Any) -> None:
         original = layer.call
         name = self.names[id(layer)]
+        path = self.paths[id(layer)]
         kind = layer_kind(layer)
+        rewrite = REWRITES.get(kind)
         recorder = self
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
+            out = None
+            if recorder._rewrite is not None and rewrite is not None and args:
+                out = rewrite(recorder._rewrite, layer, args[0])
+            if out is None:
+                out = original(*args, **kwargs)
             hook = recorder._hooks.get(name)
             if hook is not None:
                 out = hook(out)
@@ -159,10 +289,12 @@ class Recorder:
                         layer=layer,
                         name=name,
                         kind=kind,
-                        inputs=args[0],
+                        inputs=args[0] if args else None,
                         output=out,
                         weights=arrays,
                         named=named,
+                        args=args,
+                        path=path,
                     )
                 )
             return out
@@ -176,15 +308,22 @@ class Recorder:
         self._originals.clear()
 
     @contextlib.contextmanager
-    def recording(self, hooks: dict[str, Callable[[Any], Any]] | None = None) -> Iterator[Trace]:
+    def recording(
+        self, hooks: dict[str, Callable[[Any], Any]] | None = None, rewrite_with: Any = None
+    ) -> Iterator[Trace]:
+        """Record calls; ``rewrite_with=tf`` applies :data:`REWRITES` (export only)."""
         trace = Trace()
         self._active = trace
         self._hooks = hooks or {}
+        self._rewrite = rewrite_with
+        gelu = _patched_gelu(rewrite_with) if rewrite_with is not None else contextlib.nullcontext()
         try:
-            yield trace
+            with gelu:
+                yield trace
         finally:
             self._active = None
             self._hooks = {}
+            self._rewrite = None
 
 
 def _unique_names(layers: list[Any]) -> dict[int, str]:

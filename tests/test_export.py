@@ -213,7 +213,8 @@ def test_bad_models_give_one_line(tmp_path: Path) -> None:
 
 
 def test_unsupported_head_is_reported_not_fatal(tmp_path: Path) -> None:
-    """Layers without a backward rule are listed together; CAM still exports."""
+    """Layers without a backward rule on the path from --cam-layer are listed together,
+    in the summary too; CAM of the final feature map still exports."""
     require_tf()
     import keras
     from keras import layers
@@ -225,15 +226,24 @@ def test_unsupported_head_is_reported_not_fatal(tmp_path: Path) -> None:
     x = layers.Conv2D(4, 3, activation="relu", name="c")(inp)
     x = layers.LayerNormalization(name="ln")(x)
     x = layers.UpSampling2D(name="up")(x)
+    x = layers.Permute((2, 1, 3), name="perm")(x)
     x = layers.GlobalAveragePooling2D()(x)
     out = layers.Dense(2, activation="softmax")(x)
-    r = export_loaded(keras.Model(inp, out), tmp_path / "u.onnx")
+    model = keras.Model(inp, out)
+    r = export_loaded(model, tmp_path / "u.onnx", cam_layer="c")
     assert not r.spec.head.gradients_available
     problems = r.spec.source["gradient_problems"]
-    assert any("ln (LayerNormalization)" in p for p in problems)
-    assert any("up (UpSampling2D)" in p for p in problems)
+    assert problems == ["up (UpSampling2D)", "perm (Permute)"]  # LayerNormalization has a rule
     assert not r.spec.has_output(C.OUT_GRADIENTS)
     assert r.spec.parity["passed"]
+    assert "gradcam, gradcampp, layercam unavailable: no gradient rule for up" in r.summary()
+    # the default CAM tensor is what the head pools: every method works there
+    d = export_loaded(model, tmp_path / "d.onnx")
+    assert d.spec.cam_layer == "perm" and d.spec.head.kind == "gap_dense"
+    assert (
+        all(why is None for why in d.methods.values())
+        and "WARNING" not in d.summary().split("preprocessing")[0]
+    )
 
 
 def test_savedmodel_without_keras_metadata(tmp_path: Path) -> None:
@@ -318,7 +328,9 @@ def _tiny(head: Any, bias: float = 0.0) -> Any:
     return keras.Model(inp, head(x))
 
 
-def test_configurations_without_rules_export_without_gradients(tmp_path: Path) -> None:
+def test_configurations_with_rules_match_gradienttape(tmp_path: Path) -> None:
+    """ReLU(max_value), overlapping max pooling and a swish Dense all have rules: the
+    exported gradients match tf.GradientTape element by element."""
     require_tf()
     from keras import layers
 
@@ -336,7 +348,28 @@ def test_configurations_without_rules_export_without_gradients(tmp_path: Path) -
         ),
     }
     for name, head in cases.items():
-        r = export_loaded(_tiny(head), tmp_path / f"{name}.onnx")
+        r = export_loaded(_tiny(head), tmp_path / f"{name}.onnx", cam_layer="c")
+        assert r.spec.head.gradients_available, name
+        tape = r.spec.parity["outputs"]["gradients_vs_gradienttape"]
+        assert tape["elementwise_rel_l2"] < 1e-5 and tape["score"] < 1e-5, name
+
+
+def test_configurations_without_rules_export_without_gradients(tmp_path: Path) -> None:
+    require_tf()
+    from keras import layers
+
+    from convlens.exporter.export import export_loaded
+
+    cases = {
+        "dilated": lambda x: layers.Dense(3, activation="softmax")(
+            layers.Flatten()(layers.Conv2D(2, 3, dilation_rate=2, name="dil")(x))
+        ),
+        "squareplus": lambda x: layers.Dense(3, activation="softmax")(
+            layers.Dense(4, activation="squareplus", name="sq")(layers.GlobalAveragePooling2D()(x))
+        ),
+    }
+    for name, head in cases.items():
+        r = export_loaded(_tiny(head), tmp_path / f"{name}.onnx", cam_layer="c")
         assert not r.spec.head.gradients_available, name
         assert r.spec.source["gradient_problems"], name
         assert r.spec.parity["passed"], name
