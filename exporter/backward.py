@@ -360,9 +360,9 @@ def _find(weights: dict[str, Any], key: str) -> Any:
 def _unbroadcast(tf: Any, grad: Any, like: Any) -> Any:
     """Sum grad (N, T, ...) over the axes where ``like`` (N, ...) was broadcast."""
     shape: list[int | None] = [int(d) if d is not None else None for d in like.shape[1:]]
-    out = [int(d) if d is not None else None for d in grad.shape[2:]]
+    out: list[int | None] = [int(d) if d is not None else None for d in grad.shape[2:]]
     if len(shape) < len(out):
-        shape = [1] * (len(out) - len(shape)) + shape
+        shape = [*([1] * (len(out) - len(shape))), *shape]
     axes = [i + 2 for i, (a, b) in enumerate(zip(shape, out, strict=True)) if a == 1 and b != 1]
     if axes:
         grad = tf.reduce_sum(grad, axis=axes, keepdims=True)
@@ -650,9 +650,22 @@ def _conv(tf: Any, call: Call, g: Any) -> Any:
     if groups > 1:  # one input channel per group: a depthwise convolution
         dk = tf.reshape(kernel, [k[0], k[1], cin, int(kernel.shape[3]) // cin])
         return _split_nt(tf, depthwise_input_grad(tf, g4, dk, call, k, s, pad), nt)
-    shape = tf.stack([tf.shape(g4)[0], int(x.shape[1]), int(x.shape[2]), cin])
-    dx = tf.nn.conv2d_transpose(g4, kernel, shape, [1, *s, 1], pad)
-    dx = tf.reshape(dx, [-1, int(x.shape[1]), int(x.shape[2]), cin])
+    # a VALID transposed convolution onto the padded input's used rows (tf2onnx gives
+    # ConvTranspose negative pads for TF's own output_shape arithmetic), then cropped
+    h, w = int(x.shape[1]), int(x.shape[2])
+    ho, wo = int(g4.shape[1]), int(g4.shape[2])
+    hc, wc = (ho - 1) * s[0] + k[0], (wo - 1) * s[1] + k[1]
+    shape = tf.stack([tf.shape(g4)[0], hc, wc, cin])
+    full = tf.nn.conv2d_transpose(g4, kernel, shape, [1, *s, 1], "VALID")
+    full = tf.reshape(full, [-1, hc, wc, cin])
+    if pad == "VALID":
+        pt = pl = 0
+        hp, wp = h, w
+    else:
+        pt, pb = _same_pads(h, ho, k[0], s[0])
+        pl, pr = _same_pads(w, wo, k[1], s[1])
+        hp, wp = h + pt + pb, w + pl + pr
+    dx = _place(tf, full, 0, 0, hp, wp)[:, pt : pt + h, pl : pl + w, :]
     return _split_nt(tf, dx, nt)
 
 

@@ -125,8 +125,16 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
     tf2onnx_log = logging.getLogger("tf2onnx")
     level = tf2onnx_log.level
     tf2onnx_log.setLevel(logging.CRITICAL)  # unsupported ops are reported below, together
+    concrete = fn.get_concrete_function(*sig)
     try:
-        model_proto, _ = tf2onnx.convert.from_function(fn, input_signature=sig, opset=OPSET)
+        graph_def, inputs, outputs, held = _frozen_graph_def(tf, concrete)
+        model_proto, _ = tf2onnx.convert.from_graph_def(
+            graph_def,
+            input_names=inputs + list(held),
+            output_names=outputs,
+            opset=OPSET,
+            tensors_to_rename={f"{s.name}:0": s.name for s in sig},
+        )
     except Exception as exc:
         msg = str(exc).strip().splitlines()
         raise ExportError(
@@ -140,7 +148,7 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
             "tf2onnx cannot convert these TensorFlow ops: "
             + "; ".join(f"{op} (in {', '.join(where[:3])})" for op, where in unconverted.items())
         )
-    fold_captured_inputs(model_proto, fn.get_concrete_function(*sig))
+    fold_captured_inputs(model_proto, concrete, held)
     graph = model_proto.graph
     if len(graph.output) != len(names):
         raise ExportError(
@@ -161,10 +169,55 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
     return model_proto
 
 
-def fold_captured_inputs(model_proto: Any, concrete: Any) -> None:
+HELD_OUT_ELEMENTS = 1 << 22  # weights this large bypass tf2onnx (4M floats, 16 MB)
+
+
+def _frozen_graph_def(
+    tf: Any, concrete: Any
+) -> tuple[Any, list[str], list[str], dict[str, np.ndarray]]:
+    """The concrete function frozen to a GraphDef, with its largest constants (VGG's
+    fully connected kernels) held out as placeholders.
+
+    tf2onnx copies every constant many times over while it optimises (a 200 MB VGG16
+    took 10 GB); a held-out weight is one numpy array, put back as an initializer
+    after conversion.  Only constants that feed no transposition are large enough in
+    practice: dense kernels, which MatMul reads as they are.
+    """
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    frozen = convert_variables_to_constants_v2(
+        concrete, lower_control_flow=False, aggressive_inlining=True
+    )
+    graph_def = frozen.graph.as_graph_def(add_shapes=True)
+    held: dict[str, np.ndarray] = {}
+    for node in graph_def.node:
+        if node.op != "Const":
+            continue
+        dims = [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
+        if int(np.prod(dims)) < HELD_OUT_ELEMENTS:
+            continue
+        held[f"{node.name}:0"] = tf.make_ndarray(node.attr["value"].tensor)
+        dtype = node.attr["dtype"].type
+        node.op = "Placeholder"
+        node.attr.clear()
+        node.attr["dtype"].type = dtype
+        node.attr["shape"].shape.CopyFrom(
+            tf.TensorShape(dims).as_proto()  # static shape, for tf2onnx's shape inference
+        )
+    # the image, the targets, and eager tensors the function captured (folded later)
+    inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
+    outputs = [t.name for t in concrete.outputs]
+    return graph_def, inputs, outputs, held
+
+
+def fold_captured_inputs(
+    model_proto: Any, concrete: Any, held: dict[str, np.ndarray] | None = None
+) -> None:
     """Make every graph input other than the image and targets an initializer.
 
-    tf2onnx turns tensors a tf.function captured from eager code (a Normalization
+    ``held`` are the weights :func:`_frozen_graph_def` kept away from tf2onnx.  tf2onnx turns tensors a tf.function captured from eager code (a Normalization
     layer's mean and variance) into extra graph inputs that nobody can feed; their
     values are the concrete function's captured inputs.  Anything else left over is
     named, with the layer it belongs to.
@@ -177,7 +230,7 @@ def fold_captured_inputs(model_proto: Any, concrete: Any) -> None:
     if not extra:
         return
     explicit = len(concrete.inputs) - len(concrete.captured_inputs)
-    values: dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] = dict(held or {})
     for inner, outer in zip(concrete.inputs[explicit:], concrete.captured_inputs, strict=True):
         if outer.dtype.name == "resource":
             continue
