@@ -14,7 +14,7 @@ Graph inputs
 Graph outputs (names are fixed, roles recorded in ``ModelSpec.outputs``)
     ``predictions``      ``(N, C)`` what the Keras model returns (probabilities).
     ``scores``           ``(N, C)`` class scores before the final softmax/sigmoid.
-    ``act/<layer>``      ``(N, h, w, k)`` every exposed convolution output.
+    ``act/<layer>``      ``(N, h, w, k)`` every exposed layer output (one is the CAM tensor).
     ``cam_weights``      ``(k, C)``  constant: CAM channel weights (dense kernel, or identity).
     ``cam_bias``         ``(C,)``    constant: the dense bias (zeros for identity heads).
     ``cam_gradients``    ``(N, T, h, w, k)`` d score[target] / d act[cam_layer].
