@@ -73,6 +73,19 @@ def one(arch: str, form: str, size: int) -> dict[str, Any]:
     return row
 
 
+def _failure(code: int, stderr: str) -> str:
+    """Why a child gave no row: a signal (-9: the kernel's OOM killer), else its last
+    line that is not TensorFlow's log chatter."""
+    if code < 0:
+        return f"killed by signal {-code}" + (" (out of memory)" if code == -9 else "")
+    lines = [
+        ln
+        for ln in stderr.splitlines()
+        if ln.strip() and not ln.startswith(("I0000", "W0000", "WARNING"))
+    ]
+    return lines[-1][:300] if lines else f"exit {code}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| architecture | form | px | exports | head | CAM tensor | methods | export s "
@@ -137,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             if lines:
                 row = json.loads(lines[-1])
             else:
-                tail = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
-                row = {"arch": arch, "form": form, "size": size, "ok": False, "error": tail}
+                row = {"arch": arch, "form": form, "size": size, "ok": False}
+                row["error"] = _failure(p.returncode, p.stderr)
         except subprocess.TimeoutExpired:
             row = {"arch": arch, "form": form, "size": size, "ok": False, "error": "timed out"}
         row.setdefault("seconds", time.perf_counter() - t0)

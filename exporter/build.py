@@ -149,6 +149,7 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
             + "; ".join(f"{op} (in {', '.join(where[:3])})" for op, where in unconverted.items())
         )
     fold_captured_inputs(model_proto, concrete, held)
+    fold_weight_layouts(model_proto)
     graph = model_proto.graph
     if len(graph.output) != len(names):
         raise ExportError(
@@ -169,7 +170,7 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
     return model_proto
 
 
-HELD_OUT_ELEMENTS = 1 << 22  # weights this large bypass tf2onnx (4M floats, 16 MB)
+HELD_OUT_ELEMENTS = 1 << 16  # weights this large bypass tf2onnx (64K floats, 256 KB)
 
 
 def _frozen_graph_def(
@@ -210,6 +211,58 @@ def _frozen_graph_def(
     inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
     outputs = [t.name for t in concrete.outputs]
     return graph_def, inputs, outputs, held
+
+
+def fold_weight_layouts(model_proto: Any) -> int:
+    """Fold the layout ops tf2onnx put on held-out weights (Transpose HWIO -> OIHW,
+    Reshape, Squeeze, Unsqueeze, Identity) into new initializers, once, with numpy;
+    initializers left unused are dropped.  Returns how many nodes were folded."""
+    from onnx import numpy_helper
+
+    graph = model_proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.node):
+            if node.op_type not in ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity"):
+                continue
+            if not node.input or not all(n in inits for n in node.input if n):
+                continue
+            if any(o.name == node.output[0] for o in graph.output):
+                continue
+            x = numpy_helper.to_array(inits[node.input[0]])
+            attrs = {a.name: a for a in node.attribute}
+            if node.op_type == "Transpose":
+                perm = list(attrs["perm"].ints) if "perm" in attrs else None
+                y = np.ascontiguousarray(np.transpose(x, perm))
+            elif node.op_type == "Reshape":
+                shape = numpy_helper.to_array(inits[node.input[1]]).tolist()
+                y = x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+            elif node.op_type in ("Squeeze", "Unsqueeze"):
+                if len(node.input) > 1:
+                    axes = numpy_helper.to_array(inits[node.input[1]]).tolist()
+                else:
+                    axes = list(attrs["axes"].ints)
+                y = np.squeeze(x, tuple(axes)) if node.op_type == "Squeeze" else x
+                if node.op_type == "Unsqueeze":
+                    for ax in sorted(a % (x.ndim + len(axes)) for a in axes):
+                        y = np.expand_dims(y, ax)
+            else:
+                y = x
+            new = numpy_helper.from_array(y.astype(x.dtype, copy=False), node.output[0])
+            graph.initializer.append(new)
+            inits[new.name] = new
+            graph.node.remove(node)
+            folded += 1
+            changed = True
+    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return folded
 
 
 def fold_captured_inputs(
