@@ -22,23 +22,15 @@ import numpy as np
 from convlens import __version__
 from convlens.engine import contract as C
 from convlens.engine.cams import METHODS
-from convlens.engine.images import ImageError, Preprocessor, discover, read_image
 from convlens.engine.inspect import dims
 from convlens.engine.results import atomic_write_bytes
-from convlens.pipeline import demo_paths
 
-from .build import (
-    add_constant_output,
-    convert,
-    dedupe_initializers,
-    make_function,
-    output_names,
-    probe_gradients,
-    tape_gradients,
-)
+from .build import make_function, output_names, probe_gradients
+from .convert import add_constant_output, convert, dedupe_initializers
 from .errors import ExportError
 from .families import default_preprocess, recognise
 from .loading import load_keras_model
+from .parity import check_parity, parity_inputs
 from .plan import Plan, make_plan
 from .tfenv import import_tf
 from .trace import Recorder
@@ -195,7 +187,7 @@ def export_loaded(
         spec.source["preprocess_reason"] = pre_reason
         found = recognise(model)
         spec.source["family"] = found[0].name if found else None
-        images, source = _parity_inputs(calibration, inp, pre, n_calibration, seed)
+        images, source = parity_inputs(calibration, inp, pre, n_calibration, seed)
         parity = check_parity(tf, model, recorder, plan, fn, proto, images, with_grads)
     finally:
         recorder.restore()
@@ -378,147 +370,6 @@ def _spec(
         head=head,
         source=source,
     )
-
-
-def _parity_inputs(
-    calibration: str | Path | None, inp: C.InputSpec, pre: C.Preprocess, n: int, seed: int
-) -> tuple[np.ndarray, str]:
-    """Real photographs: ``--calibration DIR``, else the bundled demo photos (spread over
-    their classes); seeded noise only if neither is there."""
-    prep = Preprocessor(inp, pre)
-    given = calibration is not None
-    folder = Path(calibration) if calibration is not None else demo_paths()[1]
-    if given or folder.is_dir():
-        found = discover([str(folder)])
-        if not found.files:
-            reason = found.problems[0][1] if found.problems else "no images"
-            raise ExportError(f"--calibration {calibration}: {reason}")
-        files = found.files if given else found.files[:: max(1, len(found.files) // n)]
-        batch = []
-        for f in files:
-            try:
-                batch.append(prep(read_image(f)))
-            except ImageError:
-                continue
-            if len(batch) >= n:
-                break
-        if not batch:
-            raise ExportError(f"--calibration {calibration}: no readable image")
-        what = "calibration" if given else "bundled photos"
-        return np.stack(batch).astype(np.float32), f"{what}:{len(batch)} images"
-    rng = np.random.default_rng(seed)
-    noise = rng.integers(0, 256, size=(n, inp.height, inp.width, 3), dtype=np.uint8)
-    return np.stack([prep(img) for img in noise]), f"noise:{n} images, seed {seed}"
-
-
-def gradient_diff(
-    ref: np.ndarray, got: np.ndarray, ref_a: np.ndarray, got_a: np.ndarray
-) -> dict[str, float]:
-    """Gradients (N, T, h, w, k) judged on what the CAM methods consume.
-
-    ``score`` is the worst relative L2 error of the per-channel sums over positions of
-    g (Grad-CAM's weights) and of g * A (what Grad-CAM++'s and the map's weighting
-    read), with A (N, h, w, k) the CAM tensor.  Where two values of a max-pooling
-    window tie to float precision, TensorFlow and onnxruntime may route that window's
-    gradient to different, equally correct cells: both sums are the same either way
-    (tied cells hold the same A), while an element-wise comparison would call it a
-    failure.  A wrong gradient (scaled, shifted, routed to a cell that is not a max)
-    changes one of the sums.  The element-wise figures are reported too.
-    """
-    out = _diff(ref, got)
-    ref = np.asarray(ref, np.float64)
-    got = np.asarray(got, np.float64)
-    worst = 0.0
-    for r, g in (
-        (ref.sum(axis=(2, 3)), got.sum(axis=(2, 3))),
-        (
-            (ref * np.asarray(ref_a, np.float64)[:, None]).sum(axis=(2, 3)),
-            (got * np.asarray(got_a, np.float64)[:, None]).sum(axis=(2, 3)),
-        ),
-    ):
-        norm = float(np.linalg.norm(r))
-        err = float(np.linalg.norm(r - g))
-        worst = max(worst, err / norm if norm > 0 else err)
-    out["elementwise_rel_l2"] = out["rel_l2"]
-    out["score"] = worst
-    return out
-
-
-def _diff(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """max abs, relative and relative L2 difference; ``score`` (what the tolerance
-    applies to) is max |got - ref| / max(1, max |ref|)."""
-    ref = np.asarray(ref, np.float64)
-    got = np.asarray(got, np.float64)
-    if ref.shape != got.shape:
-        raise ExportError(f"internal: parity shapes differ {ref.shape} vs {got.shape}")
-    max_abs = float(np.max(np.abs(ref - got))) if ref.size else 0.0
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    norm = float(np.linalg.norm(ref))
-    rel_l2 = float(np.linalg.norm(ref - got)) / norm if norm > 0 else 0.0
-    return {
-        "max_abs": max_abs,
-        "max_rel": max_abs / scale if scale > 0 else 0.0,
-        "rel_l2": rel_l2,
-        "score": max_abs / max(1.0, scale),
-        "ref_max_abs": scale,
-    }
-
-
-def check_parity(
-    tf: Any,
-    model: Any,
-    recorder: Recorder,
-    plan: Plan,
-    fn: Any,
-    proto: Any,
-    images: np.ndarray,
-    with_grads: bool,
-) -> dict[str, Any]:
-    """Compare onnxruntime (CPU) with Keras (predictions), TensorFlow (every output) and
-    tf.GradientTape (gradients)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    n_cls = plan.num_classes
-    targets = np.array([[-1, -2 if n_cls > 1 else -1, 0]] * len(images), np.int64)
-    feeds: dict[str, np.ndarray] = {C.IN_IMAGE: images}
-    if with_grads:
-        feeds[C.IN_TARGETS] = targets
-    names = [o.name for o in sess.get_outputs()]
-    got = dict(zip(names, sess.run(names, feeds), strict=True))
-    ref_list = (
-        fn(tf.constant(images), tf.constant(targets)) if with_grads else fn(tf.constant(images))
-    )
-    ref = dict(zip(output_names(plan, with_grads), [np.asarray(r) for r in ref_list], strict=True))
-    result: dict[str, Any] = {"n_images": int(len(images)), "outputs": {}}
-    cam_act = C.ACT_PREFIX + plan.cam_layer
-    for name, value in ref.items():
-        if name == C.OUT_TARGET_INDICES:
-            agree = float(np.mean(value == got[name]))
-            result["outputs"][name] = {
-                "max_abs": 0.0 if agree == 1 else 1.0,
-                "max_rel": 0.0,
-                "score": 0.0 if agree == 1 else 1.0,
-                "ref_max_abs": 0.0,
-            }
-            continue
-        if name == C.OUT_GRADIENTS:
-            result["outputs"][name] = gradient_diff(value, got[name], ref[cam_act], got[cam_act])
-        else:
-            result["outputs"][name] = _diff(value, got[name])
-    keras_pred = np.asarray(model(tf.constant(images), training=False))
-    if plan.binary_sigmoid:
-        keras_pred = np.concatenate([1.0 - keras_pred, keras_pred], axis=1)
-    result["outputs"]["predictions_vs_keras"] = _diff(keras_pred, got[C.OUT_PREDICTIONS])
-    if with_grads:
-        resolved = got[C.OUT_TARGET_INDICES]
-        tape = tape_gradients(tf, model, recorder, plan, images, resolved)
-        result["outputs"]["gradients_vs_gradienttape"] = gradient_diff(
-            tape, got[C.OUT_GRADIENTS], ref[cam_act], got[cam_act]
-        )
-    return result
 
 
 def _set_metadata(proto: Any, spec: C.ModelSpec) -> None:

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .backward import activation_name, check_path, path_calls
+from .activations import activation_name
+from .backward import check_path, path_calls
 from .errors import ExportError
 from .trace import CONV_KINDS, IDENTITY_KINDS, POOL_KINDS, POST_CONV_KINDS, Call, Trace
 

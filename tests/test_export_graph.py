@@ -25,7 +25,7 @@ def test_every_activation_derivative_matches_gradienttape() -> None:
     import keras
     import tensorflow as tf
 
-    from convlens.exporter.backward import ACTIVATIONS, activation_grad
+    from convlens.exporter.activations import ACTIVATIONS, activation_grad
 
     z = tf.constant(np.linspace(-7.5, 7.5, 3 * 41, dtype=np.float32).reshape(3, 41) + 0.013)
     g = tf.constant(np.random.default_rng(0).standard_normal((3, 2, 41)).astype(np.float32))
@@ -45,7 +45,7 @@ def test_every_activation_derivative_matches_gradienttape() -> None:
 
 
 def test_gradient_parity_tolerates_ties_and_catches_wrong_gradients() -> None:
-    from convlens.exporter.export import gradient_diff
+    from convlens.exporter.parity import gradient_diff
 
     rng = np.random.default_rng(0)
     a = rng.random((2, 4, 4, 3)).astype(np.float32)
