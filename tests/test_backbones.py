@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from backbones import build
+from backbones import EARLIER, build, earlier_layer_gradcam, pearson, photos
 
 from convlens.engine import contract as C
 from convlens.engine.cams import METHODS
@@ -46,16 +46,6 @@ FAMILIES: dict[str, tuple[str, str, int, str, str]] = {
     "InceptionResNetV2": ("InceptionResNetV2", "tune", 107, "gap_dense", "symmetric"),
 }
 SLOW = {"ConvNeXt", "NASNet", "InceptionResNetV2", "InceptionV3"}
-
-
-def _photos(size: int, spec: C.ModelSpec, n: int = 3) -> np.ndarray:
-    """Real photographs (the bundled demo photos), preprocessed as the export says."""
-    from convlens.engine.images import Preprocessor, discover, read_image
-    from convlens.pipeline import demo_paths
-
-    files = discover([str(demo_paths()[1])]).files
-    pre = Preprocessor(spec.input, spec.preprocess)
-    return np.stack([pre(read_image(f)) for f in files[:: len(files) // n][:n]])
 
 
 def _pooled_tensor(model: Any, form: str) -> tuple[Any, Any, tuple[int, ...]]:
@@ -109,13 +99,6 @@ def tape_gradcam(model: Any, form: str, x: np.ndarray, classes: np.ndarray) -> t
     return a_out, np.stack(grads, axis=1)
 
 
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    if a.std() == 0 and b.std() == 0:
-        return 1.0
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def _params() -> list[Any]:
     return [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in FAMILIES]
 
@@ -144,7 +127,7 @@ def test_family_exports_with_exact_maps(family: str, tmp_path: Path) -> None:
     cam_out = spec.output(C.ACT_PREFIX + str(spec.cam_layer))
     assert tuple(cam_out.shape[1:]) == pooled and pooled[0] * pooled[1] > 1
 
-    x = _photos(size, spec)
+    x = photos(spec)
     got = _ort(r.path, {C.IN_IMAGE: x, C.IN_TARGETS: np.array([[-1, -2]] * len(x), np.int64)})
     classes = got[C.OUT_TARGET_INDICES]
     acts = got[cam_out.name]
@@ -160,7 +143,7 @@ def test_family_exports_with_exact_maps(family: str, tmp_path: Path) -> None:
     for n in range(len(x)):
         for t in range(classes.shape[1]):
             if ref_map[n, t].max() > 1e-6 * scale:
-                assert _corr(ours[n, t], ref_map[n, t]) > 0.9999
+                assert pearson(ours[n, t], ref_map[n, t]) > 0.9999
 
     if head_kind == "gap_dense":
         # CAM (Zhou et al.): sum_k w_k^c A_k with the classifier's own kernel
@@ -178,13 +161,6 @@ def _classifier(model: Any) -> Any:
 
 # --- earlier layers chosen with --cam-layer -------------------------------------------
 
-EARLIER = {
-    # family: (arch, form, px, --cam-layer as the user writes it, the layer's name)
-    "ResNet": ("ResNet50", "tune", 64, "resnet50/conv4_block6_out", "conv4_block6_out"),
-    "DenseNet": ("DenseNet121", "tune", 64, "conv5_block8_concat", "conv5_block8_concat"),
-    "VGG": ("VGG16", "top", 64, "block4_conv3", "block4_conv3"),
-}
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(EARLIER))
@@ -192,40 +168,5 @@ def test_earlier_layer_gradcam_is_exact(family: str, tmp_path: Path) -> None:
     """Grad-CAM at a layer inside the backbone: the gradient runs back through residual
     Adds, dense-block Concatenates, convolutions (transposed), BN and max pooling."""
     require_tf()
-    import keras
-    import tensorflow as tf
-
-    from convlens.exporter.export import export_loaded
-
-    arch, form, size, cam_layer, name = EARLIER[family]
-    model = build(arch, form, size)
-    r = export_loaded(model, tmp_path / "m.onnx", cam_layer=cam_layer)
-    spec = r.spec
-    assert spec.parity["passed"] and spec.head.gradients_available
-    assert spec.cam_layer == name
-
-    x = _photos(size, spec)
-    got = _ort(r.path, {C.IN_IMAGE: x, C.IN_TARGETS: np.array([[-1]] * len(x), np.int64)})
-    classes = got[C.OUT_TARGET_INDICES]
-    if form == "tune":
-        base = model.layers[1]
-        sub = keras.Model(base.inputs, [base.get_layer(name).output, base.output])
-        dense = model.get_layer("classes")
-    else:
-        sub = keras.Model(model.inputs, [model.get_layer(name).output, model.layers[-1].input])
-        dense = model.layers[-1]
-    with tf.GradientTape() as tape:
-        a, h = sub(tf.constant(x), training=False)
-        if form == "tune":
-            h = keras.ops.mean(h, axis=(1, 2))
-        z = keras.ops.matmul(h, dense.kernel) + dense.bias
-        sel = tf.reduce_sum(z * tf.one_hot(classes[:, 0], z.shape[1]), axis=1)
-    g = tape.gradient(sel, a).numpy()[:, None]
-    a = a.numpy()
-    ref_map = np.maximum(np.einsum("nhwk,ntk->nthw", a, g.mean(axis=(2, 3))), 0)
-    ours = METHODS["gradcam"].compute(
-        got[C.ACT_PREFIX + name], grads=got[C.OUT_GRADIENTS], classes=classes
-    )
-    for n in range(len(x)):
-        assert _corr(ours[n, 0], ref_map[n, 0]) > 0.9999, (n, _corr(ours[n, 0], ref_map[n, 0]))
-    np.testing.assert_allclose(ours, ref_map, atol=2e-4 * float(ref_map.max()))
+    fig = earlier_layer_gradcam(*EARLIER[family], tmp_path)
+    assert fig["min_r"] > 0.9999 and fig["max_err"] < 2e-4, fig
