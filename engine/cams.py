@@ -21,6 +21,8 @@ are not a weighted sum of whole channels, override :meth:`CAMMethod.raw_maps` in
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 
@@ -327,6 +329,24 @@ def top_eigenvectors(
 METHODS: dict[str, CAMMethod] = {
     m.name: m for m in (CAM(), GradCAM(), GradCAMpp(), LayerCAM(), EigenCAM())
 }
+
+
+def availability(spec: Any) -> dict[str, str | None]:
+    """Each method for an analysis file (a ModelSpec): None if the file serves it, else
+    the reason it does not."""
+    problems = list(spec.source.get("gradient_problems") or [])
+    out: dict[str, str | None] = {}
+    for name, method in METHODS.items():
+        why = None
+        if method.needs_weights and not spec.head.cam_available:
+            why = (
+                f"the head after {spec.cam_layer} is not global average pooling then a "
+                f"linear layer ({spec.head.kind} head)"
+            )
+        elif method.needs_gradients and not spec.head.gradients_available:
+            why = "no gradient rule for " + ("; ".join(problems[:5]) or "this head")
+        out[name] = why
+    return out
 
 
 def get_method(name: str) -> CAMMethod:

@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from . import contract as C
-from .cams import METHODS, normalize
+from .cams import METHODS, availability, normalize
 from .graph import pruned, stat_names, with_stats
 from .images import DEFAULT_MAX_PIXELS, ImageError, Preprocessor, discover, read_image
 from .results import (
@@ -98,17 +98,6 @@ class RunSummary:
             f"{self.skipped} already done) in {self.seconds:.1f} s, "
             f"{self.images_per_second:.1f} img/s on {self.device}"
         )
-
-
-def available_methods(spec: C.ModelSpec) -> list[str]:
-    out = []
-    for name, m in METHODS.items():
-        if m.needs_weights and not spec.head.cam_available:
-            continue
-        if m.needs_gradients and not spec.head.gradients_available:
-            continue
-        out.append(name)
-    return out
 
 
 class Progress:
@@ -224,7 +213,8 @@ class Runner:
         if o.top_k < 1:
             raise RunError("--top-k must be at least 1")
         o.top_k = min(o.top_k, spec.num_classes)
-        avail = available_methods(spec)
+        why_not = availability(spec)
+        avail = [m for m, why in why_not.items() if why is None]
         if o.cam_methods is None:
             self.methods = avail
         else:
@@ -235,14 +225,9 @@ class Runner:
                 )
             missing = [m for m in o.cam_methods if m not in avail]
             if missing:
-                why = (
-                    "needs a GlobalAveragePooling -> Dense head"
-                    if "cam" in missing
-                    else ("needs exported gradients")
-                )
                 raise RunError(
-                    f"CAM method {', '.join(missing)} is not available for this model ({why}); "
-                    f"available: {', '.join(avail)}"
+                    f"CAM method {', '.join(missing)} is not available for this model "
+                    f"({why_not[missing[0]]}); available: {', '.join(avail)}"
                 )
             self.methods = list(dict.fromkeys(o.cam_methods))
         self.extra_classes: list[int] = []

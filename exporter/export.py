@@ -21,7 +21,7 @@ import numpy as np
 
 from convlens import __version__
 from convlens.engine import contract as C
-from convlens.engine.cams import METHODS
+from convlens.engine.cams import availability
 from convlens.engine.inspect import dims
 from convlens.engine.results import atomic_write_bytes
 
@@ -50,7 +50,7 @@ class ExportResult:
     @property
     def methods(self) -> dict[str, str | None]:
         """CAM method -> None when the engine can run it on this file, else why not."""
-        return method_availability(self.spec)
+        return availability(self.spec)
 
     @property
     def warnings(self) -> list[str]:
@@ -93,23 +93,6 @@ def peak_rss_mb() -> float:
 def _hw(spec: C.ModelSpec) -> str:
     out = {o.name: o for o in spec.outputs}.get(C.ACT_PREFIX + str(spec.cam_layer))
     return "x".join(str(d) for d in out.shape[1:]) if out else ""
-
-
-def method_availability(spec: C.ModelSpec) -> dict[str, str | None]:
-    """Each engine CAM method: None if this analysis file serves it, else the reason."""
-    problems = list(spec.source.get("gradient_problems") or [])
-    out: dict[str, str | None] = {}
-    for name, method in METHODS.items():
-        why = None
-        if method.needs_weights and not spec.head.cam_available:
-            why = (
-                f"the head after {spec.cam_layer} is not global average pooling then a "
-                f"linear layer ({spec.head.kind} head)"
-            )
-        elif method.needs_gradients and not spec.head.gradients_available:
-            why = "no gradient rule for " + "; ".join(problems[:5])
-        out[name] = why
-    return out
 
 
 def export_model(
