@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from convlens.pipeline import demo_paths
+
 from .demo_data import HOLDOUT, TEXTURES, load_photo, patches
 
 SIZE = 64
-DEMO_DIR = Path(__file__).resolve().parent.parent / "convlens" / "demo"
+DEMO_DIR = demo_paths()[0].parent  # convlens/demo, in a wheel as in the source tree
 
 
 def build_model(keras: object) -> object:
