@@ -168,6 +168,7 @@ def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw
     from convlens.engine.images import DEFAULT_MAX_PIXELS
     from convlens.engine.run import RunOptions
     from convlens.pipeline import analyze
+    from convlens.progress import TerminalBar
 
     methods = [m.strip() for c in kw["cam"] for m in c.split(",") if m.strip()] or None
     options = RunOptions(
@@ -193,7 +194,7 @@ def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw
         grids=kw["grids"],
         grid_sample=kw["grid_sample"],
         report=not kw["no_report"],
-        progress=not quiet,
+        progress=None if quiet else TerminalBar(),
         warn=warn,
     )
     s = result.summary

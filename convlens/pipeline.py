@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from convlens.engine.run import RunOptions, RunSummary, run
+from convlens.engine.run import ProgressCallback, RunOptions, RunSummary, run
 
 
 @dataclass
@@ -24,7 +24,7 @@ def analyze(
     grids: str = "sample",
     grid_sample: int | None = None,
     report: bool = True,
-    progress: bool = True,
+    progress: ProgressCallback | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> AnalysisResult:
     """``convlens run``: engine results in ``outdir`` and, unless ``report=False``, its

@@ -215,3 +215,61 @@ class RunStats:
                     zeros=z[f"l{i}_zeros"].astype(np.int64),
                 )
         return out
+
+
+class ClassCAMs:
+    """Per predicted class: the sum and count of the normalised top-1 CAMs, mergeable
+    across batches and shards like :class:`RunStats`; ``means`` gives class_cams.npz."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, np.ndarray] = {}
+        self.counts: dict[int, int] = {}
+
+    def add(self, classes: np.ndarray, maps: np.ndarray) -> None:
+        """classes (N,) top-1 class of each image, maps (N, h, w) normalised to 0..1."""
+        for c, m in zip(classes.tolist(), maps, strict=True):
+            c = int(c)
+            if c in self.sums:
+                self.sums[c] += m
+                self.counts[c] += 1
+            else:
+                self.sums[c] = m.astype(np.float64)
+                self.counts[c] = 1
+
+    def merge(self, other: ClassCAMs) -> None:
+        for c, s in other.sums.items():
+            if c in self.sums:
+                self.sums[c] = self.sums[c] + s
+                self.counts[c] += other.counts[c]
+            else:
+                self.sums[c] = s.astype(np.float64)
+                self.counts[c] = other.counts[c]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """A shard's arrays: ``class_<c>`` sums and ``count_class_<c>`` counts."""
+        out: dict[str, np.ndarray] = {}
+        for c, s in self.sums.items():
+            out[f"class_{c}"] = s
+            out[f"count_class_{c}"] = np.asarray(float(self.counts[c]))
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> ClassCAMs:
+        cams = cls()
+        for key in arrays.files if hasattr(arrays, "files") else arrays:
+            if key.startswith("class_"):
+                c = int(key[len("class_") :])
+                cams.sums[c] = np.asarray(arrays[key], np.float64)
+                cams.counts[c] = int(arrays[f"count_{key}"])
+        return cams
+
+    def means(self, num_classes: int) -> dict[str, np.ndarray]:
+        """class_cams.npz: ``class_<c>`` mean maps (float32) and ``counts`` (num_classes,)."""
+        out = {f"class_{c}": (s / self.counts[c]).astype(np.float32) for c, s in self.sums.items()}
+        counts = np.zeros(num_classes, np.int64)
+        for c, n in self.counts.items():
+            counts[c] = n
+        return out | {"counts": counts}
+
+    def __len__(self) -> int:
+        return len(self.sums)

@@ -458,7 +458,8 @@ def test_resume_after_sigkill(demo_model: tuple[Path, Path], tmp_path: Path) -> 
     # once more: everything is skipped, nothing changes
     before = (killed / "results.jsonl").read_bytes()
     r3 = subprocess.run([*args, "-o", str(killed)], capture_output=True, text=True, timeout=300)
-    assert "0 processed" in r3.stderr or r3.returncode == 1
+    # broken.jpg is tried again (and fails again); the 400 others are skipped
+    assert r3.returncode == 1 and "(1 processed, 400 already done)" in r3.stderr, r3.stderr
     # the same records (failed inputs are tried again, so their line may move to the end)
     assert _comparable(killed) == b and len(_records(killed)) == before.count(b"\n")
     # --force recomputes from scratch
@@ -727,3 +728,25 @@ def test_relpath_under_an_input_directory(demo_model: tuple[Path, Path], tmp_pat
     )
     run(model, [str(tmp_path / "in")], tmp_path / "o", RunOptions(device="cpu"), progress=False)
     assert [r["relpath"] for r in _records(tmp_path / "o")] == ["cats/a.jpg"]
+
+
+def test_damaged_or_foreign_run_json_refuses_the_run(
+    demo_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A run.json that cannot be read, or is not convlens', is never silently taken as
+    "no earlier run": the run refuses with one line that says to use --force."""
+    from convlens.engine.run import RunError
+
+    model, photos = demo_model
+    opts = RunOptions(device="cpu")
+    for name, text in (("cut", '{"fingerprint": {"model_sha1"'), ("foreign", '{"hello": 1}')):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "run.json").write_text(text)
+        with pytest.raises(RunError) as err:
+            run(model, [str(photos)], out, opts, progress=False)
+        msg = str(err.value)
+        assert "\n" not in msg and "run.json" in msg and "--force" in msg
+        assert not (out / "results.jsonl").exists()  # nothing was written
+        forced = run(model, [str(photos)], out, RunOptions(device="cpu", force=True))
+        assert forced.failed == 0 and forced.ok > 0

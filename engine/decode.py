@@ -1,0 +1,123 @@
+"""The decode pool: images decoded and preprocessed in threads (OpenCV releases the GIL)
+inside a bounded window of pending images, so memory stays flat, and handed on in
+batches of ``batch_size`` decodable images (failed ones ride along as records)."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .images import ImageError, Preprocessor, read_image
+from .plan import RunPlan
+from .results import image_id
+
+DISPLAY_MAX = 1024  # longest side of the original kept in memory for sinks
+
+
+@dataclass
+class Decoded:
+    index: int
+    path: Path
+    record: dict[str, Any]
+    image: np.ndarray | None = None  # original RGB, shrunk for sinks
+    tensor: np.ndarray | None = None  # preprocessed model input; None if it failed
+
+
+def display_copy(rgb: np.ndarray) -> np.ndarray:
+    """The decoded image for sinks (thumbnails), shrunk so its longest side is at most
+    DISPLAY_MAX: memory stays bounded whatever the photos' size."""
+    h, w = rgb.shape[:2]
+    longest = max(h, w)
+    if longest <= DISPLAY_MAX:
+        return rgb
+    s = DISPLAY_MAX / longest
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def input_roots(inputs: Sequence[str], files: list[Path]) -> list[Path]:
+    """What a file's relpath is relative to: the input directories (as given, after
+    ``~`` and glob expansion), then the common parent of all inputs found, so that
+    cats/1.jpg and dogs/1.jpg matched by a glob stay apart."""
+    roots = []
+    for raw in inputs:
+        expanded = os.path.expanduser(raw)
+        cands = glob.glob(expanded, recursive=True) if any(c in raw for c in "*?[") else [expanded]
+        roots += [Path(os.path.abspath(c)) for c in cands if os.path.isdir(c)]
+    roots = sorted(set(roots), key=lambda r: -len(r.parts))  # the deepest input dir first
+    if files:
+        roots.append(Path(os.path.commonpath([str(f.parent) for f in files])))
+    return roots
+
+
+def relpath(path: Path, roots: list[Path]) -> str:
+    for r in roots:
+        try:
+            return str(path.relative_to(r))
+        except ValueError:
+            continue
+    return path.name
+
+
+class DecodePool:
+    """``batches(files, roots)`` yields lists of :class:`Decoded` in input order."""
+
+    def __init__(self, plan: RunPlan, keep_images: bool):
+        self.plan = plan
+        self.keep_images = keep_images  # a sink wants the decoded photo
+        self.pre = Preprocessor(plan.spec.input, plan.spec.preprocess)
+
+    def decode(self, index: int, path: Path, roots: list[Path]) -> Decoded:
+        plan = self.plan
+        rec: dict[str, Any] = {"id": image_id(path), "path": str(path)}
+        rec["relpath"] = relpath(path, roots)
+        if plan.labels_from_dirs:
+            label = path.parent.name
+            names = plan.spec.class_names
+            rec["label"] = label
+            rec["label_index"] = names.index(label) if label in names else None
+        try:
+            rgb = read_image(path, plan.max_pixels)
+            tensor = self.pre(rgb)
+        except ImageError as exc:
+            rec.update(status="error", error=str(exc))
+            return Decoded(index, path, rec)
+        except (MemoryError, ValueError, cv2.error) as exc:  # one input's failure, not the run's
+            rec.update(status="error", error=f"cannot process: {type(exc).__name__}: {exc}")
+            return Decoded(index, path, rec)
+        rec.update(status="ok", error=None, height=int(rgb.shape[0]), width=int(rgb.shape[1]))
+        shown = display_copy(rgb) if self.keep_images else None
+        return Decoded(index, path, rec, shown, tensor)
+
+    def batches(self, files: list[Path], roots: list[Path]) -> Iterator[list[Decoded]]:
+        workers = self.plan.workers
+        size = self.plan.batch_size
+        window = max(size * 2, workers * 4)
+        batch: list[Decoded] = []
+        with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+            pending: collections.deque[cf.Future[Decoded]] = collections.deque()
+            it = iter(enumerate(files))
+            for i, f in it:
+                pending.append(pool.submit(self.decode, i, f, roots))
+                if len(pending) >= window:
+                    break
+            while pending:
+                d = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self.decode, nxt[0], nxt[1], roots))
+                batch.append(d)
+                if sum(1 for b in batch if b.tensor is not None) >= size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch

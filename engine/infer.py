@@ -1,0 +1,194 @@
+"""Inference: batches of decoded images to records, maps and statistics.
+
+onnxruntime executes every node of a graph whatever outputs are asked for, so the model
+is pruned in memory to what each session serves: the main session computes
+predictions, the CAM tensor, gradients, target indices and the per-channel statistics
+(reductions added to the graph); a second one, opened on first use, only the
+activations, for the images a sink wants them for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import contract as C
+from .cams import METHODS, normalize
+from .decode import Decoded
+from .graph import pruned, stat_names, with_stats
+from .plan import RunError, RunPlan
+from .results import atomic_save_npz
+from .runtime import DeviceError, Session, open_session
+from .sinks import ImageOutcome, ResultSink
+from .stats import ClassCAMs, RunStats
+
+
+def main_outputs(plan: RunPlan) -> list[str]:
+    """What every batch needs: predictions, the CAM tensor, statistics, gradients."""
+    spec = plan.spec
+    names = [C.OUT_PREDICTIONS]
+    if spec.cam_output and plan.methods:
+        names.append(spec.cam_output)
+    for o in spec.activation_outputs:
+        names += stat_names(o.layer or "")
+    if spec.head.gradients_available:
+        names.append(C.OUT_TARGET_INDICES)
+        if plan.needs_grads:
+            names.append(C.OUT_GRADIENTS)
+    return names
+
+
+class Inference:
+    """The sessions of one run and what a batch becomes."""
+
+    def __init__(self, plan: RunPlan, outdir: Path, sinks: Sequence[ResultSink]):
+        import onnx
+        from google.protobuf.message import DecodeError
+
+        self.plan = plan
+        self.outdir = outdir
+        self.sinks = list(sinks)
+        self.names = main_outputs(plan)
+        try:
+            self.proto = onnx.load(str(plan.model_path))  # loaded once, pruned per session
+            model = with_stats(self.proto, plan.spec, keep=self.names)
+            self.session = open_session(model, plan.device, plan.threads)
+        except (DeviceError, DecodeError, OSError) as exc:
+            raise RunError(str(exc).splitlines()[0]) from exc
+        except RuntimeError as exc:  # onnxruntime's own load failures (Fail, InvalidGraph)
+            raise RunError(f"onnxruntime cannot load {plan.model_path}: {_first(exc)}") from exc
+        inputs = self.session.session.get_inputs()
+        self.takes_targets = any(i.name == C.IN_TARGETS for i in inputs)
+        self.constants = self._fetch_constants()
+        self._acts_session: Session | None = None
+        self._layers = [
+            (o.name, o.layer or "", tuple(int(v) for v in o.shape[1:]))
+            for o in plan.spec.activation_outputs
+        ]
+
+    @property
+    def device(self) -> str:
+        return self.session.device
+
+    @property
+    def note(self) -> str | None:
+        return self.session.note
+
+    def _fetch_constants(self) -> dict[str, np.ndarray]:
+        if not self.plan.spec.has_output(C.OUT_CAM_WEIGHTS):
+            return {}
+        names = [C.OUT_CAM_WEIGHTS, C.OUT_CAM_BIAS]
+        consts = open_session(pruned(self.proto, names), "cpu")  # constants: no input
+        w, b = consts.session.run(names, {})
+        return {"weights": w, "bias": b}
+
+    def _activations_session(self) -> Session:
+        if self._acts_session is None:
+            names = [n for n, _, _ in self._layers]
+            model = pruned(self.proto, names)
+            self._acts_session = open_session(model, self.session.device, self.plan.threads)
+        return self._acts_session
+
+    def run(self, good: list[Decoded], stats: RunStats, cams: ClassCAMs) -> list[ImageOutcome]:
+        """Outcomes of the decodable images of a batch (records filled in, maps saved
+        with --save-maps); the batch's statistics and class CAMs go into the
+        accumulators."""
+        plan, spec = self.plan, self.plan.spec
+        x = np.stack([d.tensor for d in good])  # type: ignore[misc]
+        targets = plan.targets(len(x))
+        feeds: dict[str, np.ndarray] = {C.IN_IMAGE: x}
+        if self.takes_targets:
+            feeds[C.IN_TARGETS] = targets
+        out = dict(zip(self.names, self.session.session.run(self.names, feeds), strict=True))
+        probs = out[C.OUT_PREDICTIONS]
+        if spec.head.activation == "linear" and probs.shape[1] > 1:
+            # a classifier trained from logits: report softmax probabilities
+            e = np.exp(probs - probs.max(axis=1, keepdims=True))
+            probs = e / e.sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1, kind="stable")
+        if C.OUT_TARGET_INDICES in out:
+            classes = out[C.OUT_TARGET_INDICES]
+        else:
+            classes = targets.copy()
+            classes[:, : plan.top_k] = order[:, : plan.top_k]
+        acts = out[spec.cam_output] if spec.cam_output else None
+        maps: dict[str, np.ndarray] = {}
+        for m in plan.methods:
+            maps[m] = METHODS[m].compute(
+                acts,  # type: ignore[arg-type]
+                weights=self.constants.get("weights"),
+                grads=out.get(C.OUT_GRADIENTS),
+                classes=classes,
+            )
+        for _, layer, shape in self._layers:
+            s_sum, s_max, s_zero = (out[n] for n in stat_names(layer))
+            stats.update_reduced(layer, shape, s_sum, s_max, s_zero)  # type: ignore[arg-type]
+        if plan.methods:
+            cams.add(classes[:, 0], normalize(maps[plan.methods[0]][:, 0]))
+        results = [self._outcome(d, i, probs, order, classes, maps) for i, d in enumerate(good)]
+        self._attach_activations(x, results)
+        return results
+
+    def _outcome(
+        self,
+        d: Decoded,
+        i: int,
+        probs: np.ndarray,
+        order: np.ndarray,
+        classes: np.ndarray,
+        maps: dict[str, np.ndarray],
+    ) -> ImageOutcome:
+        plan = self.plan
+        names = plan.spec.class_names
+        rec = d.record
+        rec["predictions"] = [
+            {"index": int(c), "name": names[int(c)], "prob": round(float(probs[i, c]), 6)}
+            for c in order[i, : plan.top_k]
+        ]
+        cls = list(dict.fromkeys(int(c) for c in classes[i]))  # top-k may hold a --class
+        rec["cam_classes"] = cls
+        rec["cam_methods"] = list(plan.methods)
+        per_image: dict[tuple[str, int], np.ndarray] = {}
+        for m, arr in maps.items():
+            if arr.shape[1] == 1 and METHODS[m].class_agnostic:
+                for c in cls:
+                    per_image[(m, c)] = arr[i, 0]
+            else:
+                for t, c in enumerate(classes[i].tolist()):
+                    per_image.setdefault((m, int(c)), arr[i, t])
+        rec["maps"] = None
+        if plan.save_maps:
+            rel = f"maps/{rec['id']}.npz"
+            atomic_save_npz(self.outdir / rel, {f"{m}/{c}": v for (m, c), v in per_image.items()})
+            rec["maps"] = rel
+        return ImageOutcome(record=rec, image=d.image, maps=per_image)
+
+    def _attach_activations(self, x: np.ndarray, results: list[ImageOutcome]) -> None:
+        """Give each outcome its activations if a sink wants them for that image.
+
+        A sink may say per image (``wants_activations(record)``, called once per ok
+        record, in order); without that method it gets them for every image.  They come
+        from a second pass, over just those images, on a session pruned to the
+        activations: the main pass never pays for copying them out.
+        """
+        want = np.zeros(len(results), bool)
+        for s in self.sinks:
+            ask = getattr(s, "wants_activations", None)
+            for i, oc in enumerate(results):
+                if ask is None or ask(oc.record):
+                    want[i] = True
+        if not want.any():
+            return
+        rows = np.flatnonzero(want)
+        names = [n for n, _, _ in self._layers]
+        got = self._activations_session().session.run(names, {C.IN_IMAGE: x[rows]})
+        acts = dict(zip(names, got, strict=True))
+        for j, row in enumerate(rows.tolist()):
+            results[row].activations = {n[len(C.ACT_PREFIX) :]: a[j] for n, a in acts.items()}
+
+
+def _first(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__

@@ -1,0 +1,149 @@
+"""What a run will do: the options as given (:class:`RunOptions`) and the frozen
+:class:`RunPlan` built from them and the model's spec, the only place that validates."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import contract as C
+from .cams import METHODS, availability
+from .images import DEFAULT_MAX_PIXELS
+
+
+class RunError(Exception):
+    """The run cannot start (bad model, bad options); ``str(e)`` is one line."""
+
+
+@dataclass
+class RunOptions:
+    device: str = "auto"
+    batch_size: int = 16
+    workers: int | None = None  # decoding threads; None = number of CPUs
+    cam_methods: list[str] | None = None  # None = every method the model supports
+    top_k: int = 3
+    classes: list[str] = field(default_factory=list)  # names (or indices) to map too
+    labels_from_dirs: bool = False
+    force: bool = False
+    save_maps: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    threads: int | None = None  # onnxruntime intra-op threads; None = its default
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Validated settings of one run over one model; never changes the options."""
+
+    model_path: Path
+    spec: C.ModelSpec
+    device: str
+    batch_size: int
+    workers: int
+    threads: int | None
+    methods: tuple[str, ...]
+    top_k: int  # at most the number of classes
+    extra_classes: tuple[int, ...]  # --class, as indices, once each
+    labels_from_dirs: bool
+    save_maps: bool
+    max_pixels: int
+    force: bool
+
+    @classmethod
+    def build(cls, model_path: str | Path, options: RunOptions | None = None) -> RunPlan:
+        o = options or RunOptions()
+        path = Path(model_path)
+        try:
+            spec = C.read_spec(path)
+        except C.ContractError as exc:
+            raise RunError(str(exc)) from exc
+        if o.batch_size < 1:
+            raise RunError("--batch-size must be at least 1")
+        if o.top_k < 1:
+            raise RunError("--top-k must be at least 1")
+        return cls(
+            model_path=path,
+            spec=spec,
+            device=o.device,
+            batch_size=o.batch_size,
+            workers=o.workers or os.cpu_count() or 1,
+            threads=o.threads,
+            methods=_methods(spec, o.cam_methods),
+            top_k=min(o.top_k, spec.num_classes),
+            extra_classes=_classes(spec, o.classes),
+            labels_from_dirs=o.labels_from_dirs,
+            save_maps=o.save_maps,
+            max_pixels=o.max_pixels,
+            force=o.force,
+        )
+
+    @property
+    def needs_grads(self) -> bool:
+        return any(METHODS[m].needs_gradients for m in self.methods)
+
+    def targets(self, n: int) -> np.ndarray:
+        """The graph's ``targets`` for n images: the top-k ranks, then the --class ones."""
+        row = [-(r + 1) for r in range(self.top_k)] + list(self.extra_classes)
+        return np.tile(np.asarray(row, np.int64), (n, 1))
+
+    def fingerprint(self, model_sha1: str) -> dict[str, Any]:
+        """What makes earlier results in OUTDIR reusable: the model file and the
+        settings that change a record."""
+        return {
+            "model_sha1": model_sha1,
+            "cam_methods": list(self.methods),
+            "top_k": self.top_k,
+            "classes": sorted(set(self.extra_classes)),
+            "labels_from_dirs": self.labels_from_dirs,
+            "save_maps": self.save_maps,
+        }
+
+    def settings(self, inputs: list[str]) -> dict[str, Any]:
+        """run.json's settings (and the report's)."""
+        return {
+            "model": str(self.model_path),
+            "inputs": list(inputs),
+            "cam_methods": list(self.methods),
+            "top_k": self.top_k,
+            "classes": [self.spec.class_names[i] for i in self.extra_classes],
+            "labels_from_dirs": self.labels_from_dirs,
+            "batch_size": self.batch_size,
+            "save_maps": self.save_maps,
+            "max_pixels": self.max_pixels,
+        }
+
+
+def _methods(spec: C.ModelSpec, asked: list[str] | None) -> tuple[str, ...]:
+    why_not = availability(spec)
+    avail = [m for m, why in why_not.items() if why is None]
+    if asked is None:
+        return tuple(avail)
+    unknown = [m for m in asked if m not in METHODS]
+    if unknown:
+        raise RunError(f"unknown CAM method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    missing = [m for m in asked if m not in avail]
+    if missing:
+        raise RunError(
+            f"CAM method {', '.join(missing)} is not available for this model "
+            f"({why_not[missing[0]]}); available: {', '.join(avail)}"
+        )
+    return tuple(dict.fromkeys(asked))
+
+
+def _classes(spec: C.ModelSpec, asked: list[str]) -> tuple[int, ...]:
+    out: list[int] = []
+    for c in asked:
+        if c in spec.class_names:
+            out.append(spec.class_names.index(c))
+        elif c.isdigit() and int(c) < spec.num_classes:
+            out.append(int(c))
+        else:
+            more = ", ..." if spec.num_classes > 20 else ""
+            raise RunError(
+                f"--class {c!r}: not a class of this model "
+                f"({', '.join(spec.class_names[:20])}{more})"
+            )
+    return tuple(dict.fromkeys(out))

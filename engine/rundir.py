@@ -1,0 +1,186 @@
+"""The run directory's lifecycle: lock, --force, fingerprint, resume, shards, run.json.
+
+OUTDIR.md is the contract; this module is the engine's one reader and writer of
+run.json (with a ``schema_version``), of the statistics shards, and of stats.json and
+class_cams.npz.  Resume: ok records that no complete shard covers are dropped and
+recomputed, failed inputs are tried again, and temporaries a kill left behind are
+removed (only names the engine makes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import contract as C
+from .plan import RunError
+from .results import ResultsLog, atomic_save_npz, atomic_write_json
+from .stats import ClassCAMs, RunStats
+
+SCHEMA_VERSION = 1  # of run.json
+RUN_JSON = "run.json"
+STATS_JSON = "stats.json"
+CLASS_CAMS = "class_cams.npz"
+SHARDS = "shards"
+MAPS = "maps"
+LOCK = ".lock"
+# what --force removes: the engine's files, and the report's (re-rendered after a run)
+RUN_FILES = ("results.jsonl", RUN_JSON, STATS_JSON, CLASS_CAMS, "index.html", "model.html")
+RUN_DIRS = (MAPS, SHARDS, "assets", "images", "static")
+TEMPORARIES = (f"{SHARDS}/.*.tmp", f"{MAPS}/.*.npz.*.tmp")
+
+
+def file_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class RunDir:
+    """OUTDIR as one run uses it."""
+
+    def __init__(self, outdir: str | Path):
+        self.path = Path(outdir)
+        self.shards = self.path / SHARDS
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One run at a time per OUTDIR: two would count the same images twice."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / LOCK, "a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                raise RunError(f"{self.path}: another convlens run is writing to it") from exc
+            yield  # closing the file releases the lock
+
+    def prepare(self, force: bool, save_maps: bool, fingerprint: dict[str, Any]) -> None:
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise RunError(f"{out}: exists and is not a directory")
+        if force and out.exists():
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            for name in RUN_DIRS:
+                shutil.rmtree(out / name, ignore_errors=True)
+        else:
+            self.check_same_run(fingerprint)
+        self.shards.mkdir(parents=True, exist_ok=True)
+        if save_maps:
+            (out / MAPS).mkdir(exist_ok=True)
+
+    def check_same_run(self, fingerprint: dict[str, Any]) -> None:
+        """Refuse an OUTDIR of another model or other settings, and a run.json that is
+        damaged or not convlens'."""
+        path = self.path / RUN_JSON
+        if not path.exists():
+            return
+        try:
+            before = json.loads(path.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise RunError(
+                f"{path} is damaged ({type(exc).__name__}); use --force to start this "
+                "OUTDIR over, or another -o"
+            ) from exc
+        if not isinstance(before, dict):
+            raise RunError(
+                f"{path} is not a convlens run's (no fingerprint); use --force to start "
+                "this OUTDIR over, or another -o"
+            )
+        if before != fingerprint:
+            changed = [k for k, v in fingerprint.items() if before.get(k) != v]
+            raise RunError(
+                f"{self.path} holds results of another model or other settings "
+                f"({', '.join(changed)} differ); use --force to recompute, or another -o"
+            )
+
+    def resume(self, log: ResultsLog) -> dict[str, dict[str, Any]]:
+        """Done records by id.  Ok records no complete shard covers are dropped (they are
+        recomputed), and so are error records: a failed input is tried again."""
+        records = log.load()
+        covered: set[str] = set()
+        for meta in sorted(self.shards.glob("*.json")):
+            try:
+                covered.update(json.loads(meta.read_text())["ids"])
+            except (OSError, ValueError, KeyError):
+                self._drop_shard(meta)
+        for pattern in TEMPORARIES:  # atomic writes a kill interrupted
+            for tmp in self.path.glob(pattern):
+                tmp.unlink(missing_ok=True)
+        keep, seen = [], set()
+        for r in records:
+            rid = r.get("id")
+            if rid in seen or r.get("status") != "ok" or rid not in covered:
+                continue
+            seen.add(rid)
+            keep.append(r)
+        if len(keep) != len(records):
+            log.rewrite(keep)
+        return {r["id"]: r for r in keep}
+
+    def _drop_shard(self, meta: Path) -> None:
+        stem = meta.name[: -len(".json")]
+        for suffix in (".json", ".stats.npz", ".cams.npz"):
+            (meta.parent / (stem + suffix)).unlink(missing_ok=True)
+
+    def next_shard_seq(self) -> int:
+        seqs = [
+            int(p.name.split(".")[0])
+            for p in self.shards.glob("*.json")
+            if p.name.split(".")[0].isdigit()
+        ]
+        return max(seqs, default=-1) + 1
+
+    def write_shard(self, seq: int, stats: RunStats, cams: ClassCAMs, ids: list[str]) -> None:
+        """Statistics and class CAMs first, then the shard's id list: a shard counts
+        only once its ids are written."""
+        stem = f"{seq:06d}"
+        stats.save_npz(self.shards / f"{stem}.stats.npz")
+        atomic_save_npz(self.shards / f"{stem}.cams.npz", cams.to_arrays())
+        atomic_write_json(self.shards / f"{stem}.json", {"ids": ids})
+
+    def merge_shards(self, num_classes: int) -> None:
+        """stats.json and class_cams.npz from every complete shard."""
+        import numpy as np
+
+        stats = RunStats()
+        cams = ClassCAMs()
+        for meta in sorted(self.shards.glob("*.json")):
+            stem = meta.name[: -len(".json")]
+            stats.merge(RunStats.load_npz(self.shards / f"{stem}.stats.npz"))
+            with np.load(self.shards / f"{stem}.cams.npz") as z:
+                cams.merge(ClassCAMs.from_arrays(z))
+        atomic_write_json(self.path / STATS_JSON, stats.to_json_dict())
+        atomic_save_npz(self.path / CLASS_CAMS, cams.means(num_classes))
+
+    def write_run_json(
+        self,
+        model_path: Path,
+        spec: C.ModelSpec,
+        settings: dict[str, Any],
+        fingerprint: dict[str, Any],
+        summary: dict[str, Any] | None,
+    ) -> None:
+        """run.json, the one writer: at the start (summary None, so a report rendered
+        mid-run can use the spec and settings) and at the end."""
+        atomic_write_json(
+            self.path / RUN_JSON,
+            {
+                "schema_version": SCHEMA_VERSION,
+                "model_path": str(model_path),
+                "spec": asdict(spec),
+                "settings": settings,
+                "fingerprint": fingerprint,
+                "summary": summary,
+            },
+        )
