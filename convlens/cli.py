@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -65,8 +66,40 @@ def one_line_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _engine_option(f: dataclasses.Field[Any]) -> Callable[[F], F]:
+    """A click option built from a RunOptions field and its OptionDoc."""
+    doc = f.metadata["doc"]
+    flag = doc.flag or "--" + f.name.replace("_", "-")
+    kw: dict[str, Any] = {"help": doc.help}
+    if f.type in ("bool", bool):
+        kw["is_flag"] = True
+    elif doc.repeat:
+        kw.update(multiple=True, callback=_comma_separated)
+        if doc.choices:
+            kw["help"] += f" Choices: {', '.join(doc.choices)}."
+    else:
+        if doc.choices:
+            kw["type"] = click.Choice(doc.choices)
+        elif doc.min is not None:
+            kw["type"] = click.IntRange(min=doc.min)
+        if f.default is not None and f.default is not dataclasses.MISSING:
+            kw.update(default=f.default, show_default=True)
+    return click.option(flag, f.name, **kw)
+
+
+def _comma_separated(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> list[str]:
+    """Repeated and comma-separated values as one list (RunPlan validates them)."""
+    return [v.strip() for raw in value for v in raw.split(",") if v.strip()]
+
+
 def run_options(fn: F) -> F:
-    """Options shared by ``run`` and ``demo``."""
+    """Options shared by ``run`` and ``demo``: the engine's, from RunOptions' fields,
+    then the report's and the command's own."""
+    from convlens.engine.plan import RunOptions
+    from convlens.reports.assets import GRID_POLICIES, GRID_SAMPLE
+
     opts = [
         click.option(
             "-o",
@@ -76,70 +109,10 @@ def run_options(fn: F) -> F:
             required=True,
             help="Run directory (results.jsonl, maps, report).",
         ),
-        click.option(
-            "--device",
-            type=click.Choice(["auto", "cuda", "cpu"]),
-            default="auto",
-            show_default=True,
-            help="auto uses CUDA only where it really loads.",
-        ),
-        click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            default=16,
-            show_default=True,
-            help="Images per onnxruntime call.",
-        ),
-        click.option(
-            "--workers",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Decoding threads [default: number of CPUs].",
-        ),
-        click.option(
-            "--threads",
-            type=click.IntRange(min=1),
-            default=None,
-            help="onnxruntime intra-op threads [default: onnxruntime's].",
-        ),
-        click.option(
-            "--cam",
-            "cam",
-            multiple=True,
-            help="CAM method(s): cam, gradcam, gradcampp, layercam, eigencam; "
-            "repeat or comma-separate [default: all the model supports].",
-        ),
-        click.option(
-            "--top-k",
-            type=click.IntRange(min=1),
-            default=3,
-            show_default=True,
-            help="Maps for the K top classes.",
-        ),
-        click.option(
-            "--class",
-            "classes",
-            multiple=True,
-            help="Also map this class (name or index); repeatable.",
-        ),
-        click.option(
-            "--labels-from-dirs",
-            is_flag=True,
-            help="Each image's parent folder names its true class.",
-        ),
-        click.option(
-            "--save-maps", is_flag=True, help="Write raw maps per image to maps/<id>.npz."
-        ),
-        click.option(
-            "--max-pixels",
-            type=int,
-            default=None,
-            help="Refuse images with more pixels (decompression-bomb guard) "
-            "[default: 178956970]; 0 disables.",
-        ),
+        *(_engine_option(f) for f in dataclasses.fields(RunOptions)),
         click.option(
             "--grids",
-            type=click.Choice(["all", "sample", "none"]),
+            type=click.Choice(GRID_POLICIES),
             default="sample",
             show_default=True,
             help="Activation grids in the report: every image, a sample "
@@ -148,15 +121,12 @@ def run_options(fn: F) -> F:
         click.option(
             "--grid-sample",
             type=click.IntRange(min=0),
-            default=50,
+            default=GRID_SAMPLE,
             show_default=True,
             help="With --grids sample: how many of the first images get grids "
             "(besides every misclassified or low-confidence one).",
         ),
         click.option("--no-report", is_flag=True, help="Results only, no HTML report."),
-        click.option(
-            "--force", is_flag=True, help="Recompute everything, ignoring earlier results."
-        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, no notes."),
     ]
     for opt in reversed(opts):
@@ -165,25 +135,13 @@ def run_options(fn: F) -> F:
 
 
 def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw: Any) -> None:
-    from convlens.engine.images import DEFAULT_MAX_PIXELS
     from convlens.engine.run import RunOptions
     from convlens.pipeline import analyze
     from convlens.progress import TerminalBar
 
-    methods = [m.strip() for c in kw["cam"] for m in c.split(",") if m.strip()] or None
-    options = RunOptions(
-        device=kw["device"],
-        batch_size=kw["batch_size"],
-        workers=kw["workers"],
-        threads=kw["threads"],
-        cam_methods=methods,
-        top_k=kw["top_k"],
-        classes=list(kw["classes"]),
-        labels_from_dirs=kw["labels_from_dirs"],
-        force=kw["force"],
-        save_maps=kw["save_maps"],
-        max_pixels=DEFAULT_MAX_PIXELS if kw["max_pixels"] is None else kw["max_pixels"],
-    )
+    fields = {f.name for f in dataclasses.fields(RunOptions)}
+    options = RunOptions(**{k: v for k, v in kw.items() if k in fields})
+    options.cam_methods = options.cam_methods or None  # none given: all the model supports
     quiet = kw["quiet"]
     warn = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     result = analyze(

@@ -13,25 +13,76 @@ import numpy as np
 from . import contract as C
 from .cams import METHODS, availability
 from .images import DEFAULT_MAX_PIXELS
+from .runtime import DEVICES
 
 
 class RunError(Exception):
     """The run cannot start (bad model, bad options); ``str(e)`` is one line."""
 
 
+@dataclass(frozen=True)
+class OptionDoc:
+    """How an option reads on the command line: its help, and where it differs from
+    the field, its flag, choices and lower bound.  The CLI builds each ``convlens run``
+    option from these (convlens/cli.py), so an option is declared once, here."""
+
+    help: str
+    flag: str | None = None  # default: --field-name
+    choices: tuple[str, ...] | None = None
+    min: int | None = None
+    repeat: bool = False  # a list: repeatable, comma-separated values allowed
+
+
+def _doc(help: str, **kw: Any) -> dict[str, OptionDoc]:
+    return {"doc": OptionDoc(help, **kw)}
+
+
 @dataclass
 class RunOptions:
-    device: str = "auto"
-    batch_size: int = 16
-    workers: int | None = None  # decoding threads; None = number of CPUs
-    cam_methods: list[str] | None = None  # None = every method the model supports
-    top_k: int = 3
-    classes: list[str] = field(default_factory=list)  # names (or indices) to map too
-    labels_from_dirs: bool = False
-    force: bool = False
-    save_maps: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    threads: int | None = None  # onnxruntime intra-op threads; None = its default
+    """What ``convlens run`` and :func:`convlens.engine.run.run` take."""
+
+    device: str = field(
+        default="auto",
+        metadata=_doc("auto uses CUDA only where it really loads.", choices=DEVICES),
+    )
+    batch_size: int = field(default=16, metadata=_doc("Images per onnxruntime call.", min=1))
+    workers: int | None = field(
+        default=None, metadata=_doc("Decoding threads [default: number of CPUs].", min=1)
+    )
+    threads: int | None = field(
+        default=None, metadata=_doc("onnxruntime intra-op threads [default: its own].", min=1)
+    )
+    cam_methods: list[str] | None = field(
+        default=None,
+        metadata=_doc(
+            "CAM method(s), repeated or comma-separated [default: all the model supports].",
+            flag="--cam",
+            choices=tuple(METHODS),
+            repeat=True,
+        ),
+    )
+    top_k: int = field(default=3, metadata=_doc("Maps for the K top classes.", min=1))
+    classes: list[str] = field(
+        default_factory=list,
+        metadata=_doc(
+            "Also map this class (name or index); repeatable.", flag="--class", repeat=True
+        ),
+    )
+    labels_from_dirs: bool = field(
+        default=False, metadata=_doc("Each image's parent folder names its true class.")
+    )
+    save_maps: bool = field(
+        default=False, metadata=_doc("Write raw maps per image to maps/<id>.npz.")
+    )
+    max_pixels: int = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata=_doc(
+            "Refuse images with more pixels (decompression-bomb guard); 0 disables.", min=0
+        ),
+    )
+    force: bool = field(
+        default=False, metadata=_doc("Recompute everything, ignoring earlier results.")
+    )
 
 
 @dataclass(frozen=True)

@@ -91,3 +91,25 @@ def test_report_on_a_non_run_dir(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert r.exit_code == 2
     assert "not a convlens run directory" in r.output
+
+
+def test_run_options_come_from_their_declaration() -> None:
+    """Every RunOptions field is a `convlens run` and `convlens demo` option, with the
+    help, choices and default it declares: adding one needs no CLI change."""
+    import dataclasses
+
+    from convlens.cli import main
+    from convlens.engine.cams import METHODS
+    from convlens.engine.plan import RunOptions
+
+    for command in ("run", "demo"):
+        params = {p.name: p for p in main.commands[command].params}
+        for f in dataclasses.fields(RunOptions):
+            p = params[f.name]
+            assert p.help and p.help.startswith(f.metadata["doc"].help), f.name
+            if f.default is not dataclasses.MISSING and f.default is not None:
+                assert p.default == f.default, f.name
+    help_text = CliRunner().invoke(main, ["run", "--help"]).output
+    assert all(m in help_text for m in METHODS)
+    r = CliRunner().invoke(main, ["demo", "-o", "/nonexistent/x", "--cam", "gradcam,nope"])
+    assert r.exit_code == 2 and "unknown CAM method nope" in r.output
