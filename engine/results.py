@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +27,37 @@ def image_id(path: str | Path) -> str:
     return hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+_serial = itertools.count()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to a dot-prefixed temporary name next to ``path``, then
+    ``os.replace`` it: readers see the old file or the new one, never a part.  The one
+    atomic writer of the project (engine and report alike).
+
+    ``durable`` fsyncs before the rename, so the file survives a power cut as well as a
+    kill (results, shards, maps); the report's assets, which can be made again, skip it.
+    Plain ``os`` calls on strings: a report writes ~16 small files per image.
+    """
+    head, name = os.path.split(os.fspath(path))
+    if head:
+        os.makedirs(head, exist_ok=True)
+    tmp = os.path.join(head, f".{name}.{os.getpid()}.{next(_serial)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, _WRITE_FLAGS, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
 
 

@@ -63,6 +63,8 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from convlens.engine.results import atomic_write_bytes as write_atomically
+
 if TYPE_CHECKING:
     from convlens.engine.contract import ModelSpec
     from convlens.engine.sinks import ImageOutcome
@@ -375,30 +377,9 @@ def activation_grid(act: np.ndarray, colormap: int = GRID_COLORMAP) -> np.ndarra
 
 
 # ---- files -------------------------------------------------------------------------
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
-
-
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temporary name next to ``path``, then ``os.replace`` it.
-
-    Plain ``os`` calls on strings: a run writes ~16 small files per image, and pathlib and
-    buffered file objects cost more than the few hundred bytes of a heatmap.
-    """
-    head, name = os.path.split(os.fspath(path))
-    tmp = os.path.join(head, f".{name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, _WRITE_FLAGS, 0o666)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """The project's atomic writer, without fsync: assets can be made again."""
+    write_atomically(path, data, durable=False)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convlens.engine.rundir import RUN_JSON, STATS_JSON
+
 from .assets import (
     ASSETS_DIR,
     ASSETS_JSON,
@@ -25,10 +27,7 @@ from .assets import (
     safe_id,
 )
 
-RESULTS = "results.jsonl"
-RUN_JSON = "run.json"
-STATS_JSON = "stats.json"
-CLASS_CAMS = "class_cams.npz"
+# the run directory's file names come from the module that owns that contract (OUTDIR.md)
 
 #: a full confusion matrix is drawn up to this many classes; above, the most confused pairs
 CONFUSION_MAX_CLASSES = 25
@@ -234,7 +233,8 @@ def _displayable(value: Any) -> Any:
 
 
 def read_results(path: Path, class_names: list[str]) -> Results:
-    """Read results.jsonl: the last record per id wins; unreadable lines are skipped.
+    """Read results.jsonl: the first record per id wins, as in the engine's resume;
+    unreadable lines are skipped.
 
     Order: ok images by (relpath, id), then failed inputs by (relpath, id).  This is the
     index's default order and the order of the image pages' previous/next links.
@@ -258,8 +258,8 @@ def read_results(path: Path, class_names: list[str]) -> Results:
                 continue
             entry = _entry(rec, class_names)  # keep the small entry, not the record
             if entry.id in by_id:
-                dup += 1
-                del by_id[entry.id]  # the newest record wins
+                dup += 1  # the engine keeps the first record of an id, and so do we
+                continue
             by_id[entry.id] = entry
     entries = list(by_id.values())
     entries.sort(key=lambda e: (not e.ok, e.relpath, e.id))

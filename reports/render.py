@@ -20,6 +20,8 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from convlens import __version__
+from convlens.engine.results import RESULTS
+from convlens.engine.rundir import CLASS_CAMS
 
 from .assets import (
     ASSETS_DIR,
@@ -41,8 +43,6 @@ from .assets import (
     safe_name,
 )
 from .data import (
-    CLASS_CAMS,
-    RESULTS,
     AssetIndex,
     ImageEntry,
     LayerStats,
