@@ -25,21 +25,10 @@ from convlens.engine.rundir import CLASS_CAMS
 
 from .assets import (
     ASSETS_DIR,
-    CAM_COLORMAP,
-    CAM_COLORMAP_NAME,
     CLASS_CAMS_DIR,
-    GRID_COLORMAP,
-    GRID_COLORMAP_NAME,
-    GRID_COLS,
     LOW_CONFIDENCE,
-    OVERLAY_ALPHA,
-    atomic_write_bytes,
     cam_file_name,
-    encode_image,
     grid_file_name,
-    grid_shape,
-    legend_bar,
-    normalise_map,
     safe_name,
 )
 from .data import (
@@ -58,6 +47,19 @@ from .data import (
     read_run,
     read_stats,
     summarise,
+)
+from .imaging import (
+    CAM_COLORMAP,
+    CAM_COLORMAP_NAME,
+    GRID_COLORMAP,
+    GRID_COLORMAP_NAME,
+    GRID_COLS,
+    OVERLAY_ALPHA,
+    atomic_write_bytes,
+    encode_image,
+    grid_shape,
+    legend_bar,
+    normalise_map,
 )
 
 HERE = Path(__file__).resolve().parent

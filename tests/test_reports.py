@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import weakref
@@ -19,6 +20,7 @@ from convlens.engine.contract import ModelSpec
 from convlens.engine.sinks import ImageOutcome
 from convlens.reports import ReportAssetSink, render_report
 from convlens.reports import assets as A
+from convlens.reports import imaging as I
 
 from report_fixtures import ODD_CLASS, XSS_NAME, FakeRun, make_fake_run
 
@@ -158,9 +160,9 @@ def test_cam_heatmap_files_are_colour_mapped_maps(fake: FakeRun) -> None:
     """Every CAM file is a small colour PNG of the map's own shape (upsampled by a small
     integer factor, 7x7 -> 49x49) whose pixels are the turbo colours of the normalised
     raw map: not thumbnail-sized, not blended with the photo."""
-    assert A.heatmap_scale(7, 7) == 7 and A.heatmap_scale(16, 16) == 3
-    assert A.heatmap_scale(48, 20) == 1 and A.heatmap_scale(64, 64) == 1
-    lut = A.colormap_lut(A.CAM_COLORMAP)
+    assert I.heatmap_scale(7, 7) == 7 and I.heatmap_scale(16, 16) == 3
+    assert I.heatmap_scale(48, 20) == 1 and I.heatmap_scale(64, 64) == 1
+    lut = I.colormap_lut(I.CAM_COLORMAP)
     for r in fake.ok_records[:3]:
         maps = _fixture_maps(r)
         assert len(maps) == len(r["cam_methods"]) * len(r["cam_classes"])
@@ -189,7 +191,7 @@ def test_grid_files_match_geometry(fake: FakeRun) -> None:
     for name, s, k in [("conv1", 56, 16), ("conv4", 7, 128)]:
         img = cv2.imread(str(fake.outdir / "assets" / "grids" / rid / f"{name}.jpg"))
         assert img is not None
-        assert img.shape[:2] == A.grid_shape(s, s, k)
+        assert img.shape[:2] == I.grid_shape(s, s, k)
 
 
 # ---- escaping, CSP, no network ------------------------------------------------------
@@ -575,9 +577,9 @@ def test_atomic_write_failure_keeps_old_file(
     def boom(src: Any, dst: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(A.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        A.atomic_write_bytes(target, b"new")
+        I.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jpg"]
 
@@ -601,18 +603,18 @@ def test_activation_grid_layout_and_normalisation() -> None:
     k = 20
     act = np.zeros((7, 7, k), np.float32)
     act[:, :, 1] = np.arange(49, dtype=np.float32).reshape(7, 7)  # a ramp
-    img = A.activation_grid(act)
-    th, tw = A.tile_size(7, 7)
+    img = I.activation_grid(act)
+    th, tw = I.tile_size(7, 7)
     assert (th, tw) == (49, 49)
-    assert img.shape[:2] == A.grid_shape(7, 7, k) == (2 * 49 + 1, 16 * 50 - 1)
-    white = np.array(A.GRID_GAP_BGR, np.uint8)
+    assert img.shape[:2] == I.grid_shape(7, 7, k) == (2 * 49 + 1, 16 * 50 - 1)
+    white = np.array(I.GRID_GAP_BGR, np.uint8)
     assert (img[:, 49] == white).all() and (img[49, :] == white).all()
     assert (img[50:, 4 * 50 :] == white).all()  # padding cells of the last row
-    lut = A.colormap_lut(A.GRID_COLORMAP)
+    lut = I.colormap_lut(I.GRID_COLORMAP)
     # a constant channel maps to 128; a ramp's first/last pixels to low/high values
     assert (img[0, 0] == lut[128]).all()
     ramp = img[:49, 50:99]
-    u8 = A.normalise_channels(act)[:, :, 1]
+    u8 = I.normalise_channels(act)[:, :, 1]
     assert (ramp[0, 0] == lut[u8[0, 0]]).all() and (ramp[-1, -1] == lut[u8[-1, -1]]).all()
     assert u8[0, 0] < 30 and u8[-1, -1] > 225
     # nearest-neighbour upscaling: each 7x7 block is constant
@@ -620,29 +622,29 @@ def test_activation_grid_layout_and_normalisation() -> None:
 
 
 def test_tile_sizes() -> None:
-    assert A.tile_size(7, 7) == (49, 49)
-    assert A.tile_size(14, 14) == (56, 56)
-    assert A.tile_size(75, 75) == (75, 75)
-    assert A.tile_size(224, 224) == (128, 128)
-    big = A.activation_grid(np.random.default_rng(0).random((224, 224, 3), dtype=np.float32))
+    assert I.tile_size(7, 7) == (49, 49)
+    assert I.tile_size(14, 14) == (56, 56)
+    assert I.tile_size(75, 75) == (75, 75)
+    assert I.tile_size(224, 224) == (128, 128)
+    big = I.activation_grid(np.random.default_rng(0).random((224, 224, 3), dtype=np.float32))
     assert big.shape[:2] == (128, 3 * 129 - 1)
 
 
 def test_cam_heatmap_colours() -> None:
     rng = np.random.default_rng(3)
     raw = rng.random((16, 16), dtype=np.float32) * 7.0
-    heat = A.cam_heatmap(raw)
+    heat = I.cam_heatmap(raw)
     assert heat.shape == (48, 48, 3) and heat.dtype == np.uint8
-    norm = A.normalise_map(raw)
+    norm = I.normalise_map(raw)
     up = cv2.resize(norm, (48, 48), interpolation=cv2.INTER_LINEAR)
-    assert (heat == cv2.applyColorMap(A.to_levels(up), A.CAM_COLORMAP)).all()
-    lut = A.colormap_lut(A.CAM_COLORMAP)
-    assert (A.cam_heatmap(np.zeros((5, 5), np.float32)) == lut[0]).all()  # constant map
+    assert (heat == cv2.applyColorMap(I.to_levels(up), I.CAM_COLORMAP)).all()
+    lut = I.colormap_lut(I.CAM_COLORMAP)
+    assert (I.cam_heatmap(np.zeros((5, 5), np.float32)) == lut[0]).all()  # constant map
     nan = np.full((4, 4), np.nan, np.float32)
     nan[0, 0] = 2.0
-    assert (A.cam_heatmap(nan)[0, 0] == lut[255]).all()
+    assert (I.cam_heatmap(nan)[0, 0] == lut[255]).all()
     big = rng.random((60, 50), dtype=np.float32)
-    assert (A.cam_levels(big) == A.to_levels(A.normalise_map(big))).all()  # not upsampled
+    assert (I.cam_levels(big) == I.to_levels(I.normalise_map(big))).all()  # not upsampled
 
 
 def test_cam_levels_batched_equals_one_by_one() -> None:
@@ -656,12 +658,12 @@ def test_cam_levels_batched_equals_one_by_one() -> None:
     maps[("wide", 0)] = rng.random((4, 9)).astype(np.float64)
     many = {("m", c): rng.random((6, 6), dtype=np.float32) for c in range(300)}  # > 1 chunk
     maps.update(many)
-    got = A.cam_levels_batch(maps)
+    got = I.cam_levels_batch(maps)
     assert list(got) == list(maps)
     for key, raw in maps.items():
-        f = A.heatmap_scale(*raw.shape)
+        f = I.heatmap_scale(*raw.shape)
         assert got[key].shape == (raw.shape[0] * f, raw.shape[1] * f), key
-        one = A.cam_levels(raw)
+        one = I.cam_levels(raw)
         # OpenCV's multi-channel resize may differ from its one-channel resize in the last
         # bit of a float32, which can flip a rounding at .5: one level, rarely
         assert np.abs(got[key].astype(int) - one.astype(int)).max() <= 1, key
@@ -672,12 +674,12 @@ def test_indexed_png_decodes_to_colour_mapped_levels() -> None:
     rng = np.random.default_rng(5)
     for shape in [(48, 48), (1, 1), (49, 35), (3, 200)]:
         levels = rng.integers(0, 256, shape, dtype=np.uint8)
-        data = A.encode_indexed_png(levels)
+        data = I.encode_indexed_png(levels)
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         assert img is not None and img.shape == (*shape, 3)
-        assert (img == A.colormap_lut(A.CAM_COLORMAP)[levels]).all()
+        assert (img == I.colormap_lut(I.CAM_COLORMAP)[levels]).all()
     with pytest.raises(ValueError):
-        A.encode_indexed_png(np.zeros((4, 4), np.float32))
+        I.encode_indexed_png(np.zeros((4, 4), np.float32))
 
 
 def _photo(h: int, w: int) -> np.ndarray:
@@ -693,7 +695,7 @@ def _photo(h: int, w: int) -> np.ndarray:
 def test_thumbnail_fast_resize_matches_inter_area(shape: tuple[int, int]) -> None:
     h, w = shape
     img = _photo(max(h, 2), w)[:h]
-    out = A.thumbnail(img, 256)
+    out = I.thumbnail(img, 256)
     s = min(1.0, 256 / max(h, w))
     assert out.shape == (max(1, round(h * s)), max(1, round(w * s)), 3)
     if s == 1.0:
@@ -707,18 +709,18 @@ def test_thumbnail_fast_resize_matches_inter_area(shape: tuple[int, int]) -> Non
 
 def test_thumbnail_of_other_layouts() -> None:
     gray = _photo(480, 640)[:, :, 0]
-    assert A.to_bgr(A.thumbnail(gray, 256)).shape == (192, 256, 3)
+    assert I.to_bgr(I.thumbnail(gray, 256)).shape == (192, 256, 3)
     rgba = np.dstack([_photo(480, 640), np.full((480, 640), 255, np.uint8)])
-    assert A.to_bgr(A.thumbnail(rgba, 256)).shape == (192, 256, 3)
+    assert I.to_bgr(I.thumbnail(rgba, 256)).shape == (192, 256, 3)
     floats = _photo(480, 640).astype(np.float32) * 2.0  # clipped to 0..255
-    assert A.to_bgr(A.thumbnail(A.to_uint8(floats), 256)).max() == 255
+    assert I.to_bgr(I.thumbnail(I.to_uint8(floats), 256)).max() == 255
 
 
 def test_css_overlay_opacity_matches_overlay_alpha() -> None:
     css = (Path(A.__file__).parent / "static" / "report.css").read_text(encoding="utf-8")
     rule = css[css.index(".heat, .cam-heat {") :]
     rule = rule[: rule.index("}")]
-    assert f"opacity: {A.OVERLAY_ALPHA};" in rule
+    assert f"opacity: {I.OVERLAY_ALPHA};" in rule
     assert "image-rendering: auto;" in rule
 
 
