@@ -8,6 +8,7 @@ import math
 import os
 import struct
 import zlib
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -346,3 +347,14 @@ def encode_indexed_png(
 def write_image(path: str | os.PathLike[str], img_bgr: np.ndarray, quality: int = 0) -> None:
     ext = os.path.splitext(os.fspath(path))[1].lower()
     atomic_write_bytes(path, encode_image(img_bgr, ext, quality))
+
+
+def write_if_changed(path: Path, data: bytes) -> None:
+    """Atomically write ``data`` unless the file already holds exactly that (re-rendering
+    an unchanged report touches nothing)."""
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    atomic_write_bytes(path, data)
