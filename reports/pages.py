@@ -9,6 +9,7 @@ from the run's data; templates only render them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 
 from convlens.engine.rundir import CLASS_CAMS
 
-from .assets import ASSETS_DIR, CLASS_CAMS_DIR, cam_file_name, grid_file_name
+from .assets import ASSETS_DIR, CLASS_CAMS_DIR, cam_file_name, grid_file_name, safe_name
 from .data import (
     AssetIndex,
     ImageEntry,
@@ -29,6 +30,7 @@ from .data import (
     Summary,
     flatten,
     outputs_table,
+    summarise,
 )
 from .imaging import (
     CAM_COLORMAP,
@@ -42,24 +44,46 @@ from .imaging import (
 CLASS_CAM_SIDE = 128
 
 
+@dataclass
+class ReportContext:
+    """Everything the builders read, read once per rendering."""
+
+    outdir: Path
+    run: RunInfo
+    results: Results
+    layers: list[LayerStats]
+    assets: AssetIndex
+    names: list[str]
+    policy: str
+    page_size: int
+    title: str
+
+    @property
+    def ok(self) -> list[ImageEntry]:
+        return [e for e in self.results.entries if e.ok]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One page to write: its path under OUTDIR, the way back to the root, its title."""
+
+    path: str
+    root: str
+    title: str
+    data: Any
+
+
 @dataclass(frozen=True)
 class PageKind:
-    """One kind of page: its template, and its tab in the nav (None: not in the nav)."""
+    """One kind of page: its template, its builder, and its tab in the nav (None: not
+    in the nav)."""
 
     kind: str
     template: str
+    build: Callable[[ReportContext], Iterator[Rendered]]
     tab: str | None = None
     href: str | None = None  # relative to the report's root
     current_for: tuple[str, ...] = ()  # page kinds on which this tab is the current one
-
-
-PAGES: tuple[PageKind, ...] = (
-    PageKind("index", "index.html", "Images", "index.html", ("index", "image")),
-    PageKind("model", "model.html", "Model", "model.html", ("model",)),
-    PageKind("image", "image.html"),
-)
-NAV = [p for p in PAGES if p.tab]
-TEMPLATE = {p.kind: p.template for p in PAGES}
 
 
 @dataclass
@@ -284,3 +308,103 @@ def title_of(run: RunInfo) -> str:
     if run.model:
         return f"convlens report: {os.path.basename(run.model)}"
     return "convlens report"
+
+
+FAILED_TABLE_MAX = 1000  # failed inputs listed in index.html (the gallery has them all)
+
+
+def index_pages(ctx: ReportContext) -> Iterator[Rendered]:
+    failed = [e for e in ctx.results.entries if not e.ok]
+    facts = [("Model", ctx.run.model)] if ctx.run.model else []
+    facts.append(("Grid policy", ctx.policy))
+    page = IndexPage(
+        title=ctx.title,
+        summary=summarise(ctx.results, ctx.run),
+        failed=failed[:FAILED_TABLE_MAX],
+        failed_more=max(0, len(failed) - FAILED_TABLE_MAX),
+        bad_lines=ctx.results.bad_lines,
+        duplicates=ctx.results.duplicates,
+        page_size=ctx.page_size,
+        grid_policy=ctx.policy,
+        facts=facts,
+    )
+    yield Rendered("index.html", "", ctx.title, page)
+
+
+def model_pages(ctx: ReportContext) -> Iterator[Rendered]:
+    page = model_page(ctx.outdir, ctx.run, ctx.layers, ctx.names)
+    yield Rendered("model.html", "", f"Model · {ctx.title}", page)
+
+
+def image_pages(ctx: ReportContext) -> Iterator[Rendered]:
+    """One page per ok image, in the index's default order (previous/next follow it)."""
+    ok = ctx.ok
+    for i, e in enumerate(ok):
+        grid_files = ctx.assets.grids(e.id)
+        methods, rows = cam_rows(e, ctx.assets.cams(e.id), ctx.names)
+        page = ImagePage(
+            entry=e,
+            thumb=ctx.assets.thumb(e.id),
+            position=i + 1,
+            total=len(ok),
+            prev_id=ok[i - 1].id if i > 0 else None,
+            next_id=ok[i + 1].id if i + 1 < len(ok) else None,
+            methods=methods,
+            cam_rows=rows,
+            grids=grid_views(e, grid_files, ctx.layers),
+            grids_written=any(f.endswith(".jpg") for f in grid_files),
+            grid_policy=ctx.policy,
+        )
+        yield Rendered(f"{IMAGES_DIR}/{e.id}.html", "../", e.relpath, page)
+
+
+def gallery_data(ctx: ReportContext) -> dict[str, Any]:
+    """The gallery's data file: every input, ok ones with their top class, probability
+    and whether a thumbnail and a CAM overlay exist."""
+    methods_index: dict[str, int] = {}
+    items: list[list[Any]] = []
+    for e in ctx.ok:
+        top = e.top
+        overlay = -1
+        methods = list(e.cam_methods)
+        has = top is not None and methods and cam_file_name(methods[0], top.index)
+        if has and has in ctx.assets.cams(e.id):
+            overlay = methods_index.setdefault(methods[0], len(methods_index))
+        items.append(
+            [
+                e.id,
+                e.relpath,
+                top.index if top else -1,
+                round(top.prob, 4) if top else -1,
+                -1 if e.label_index is None else e.label_index,
+                1 if ctx.assets.thumb(e.id) else 0,
+                overlay,
+                "",
+            ]
+        )
+    for e in ctx.results.entries:
+        if not e.ok:
+            label = -1 if e.label_index is None else e.label_index
+            items.append([e.id, e.relpath, -1, -1, label, 0, -1, e.error or "unknown error"])
+    method_names = sorted(methods_index, key=lambda m: methods_index[m])
+    return {
+        "pageSize": ctx.page_size,
+        "classes": ctx.names,
+        # CAM heatmap of item i, laid over its thumbnail:
+        # assets/cams/<id>/<overlays[item.overlay]>_<item.pred>.png
+        "overlays": [safe_name(m) for m in method_names],
+        "methods": method_names,
+        "items": items,
+        "fields": ["id", "relpath", "pred", "prob", "label", "thumb", "overlay", "error"],
+    }
+
+
+IMAGES_DIR = "images"
+
+#: Every page kind of the report, in nav order; the nav and the renderer come from this.
+PAGES: tuple[PageKind, ...] = (
+    PageKind("index", "index.html", index_pages, "Images", "index.html", ("index", "image")),
+    PageKind("model", "model.html", model_pages, "Model", "model.html", ("model",)),
+    PageKind("image", "image.html", image_pages),
+)
+NAV = [p for p in PAGES if p.tab]

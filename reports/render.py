@@ -23,8 +23,6 @@ from .assets import (
     ASSETS_DIR,
     CLASS_CAMS_DIR,
     LOW_CONFIDENCE,
-    cam_file_name,
-    safe_name,
 )
 from .data import (
     AssetIndex,
@@ -33,7 +31,6 @@ from .data import (
     read_results,
     read_run,
     read_stats,
-    summarise,
 )
 from .imaging import (
     CAM_COLORMAP,
@@ -46,14 +43,12 @@ from .imaging import (
     write_if_changed,
 )
 from .pages import (
+    IMAGES_DIR,
     NAV,
-    TEMPLATE,
-    ImagePage,
-    IndexPage,
-    cam_rows,
+    PAGES,
+    ReportContext,
     class_names,
-    grid_views,
-    model_page,
+    gallery_data,
     title_of,
 )
 
@@ -64,8 +59,6 @@ STATIC_FILES = ("report.css", "report.js")
 GALLERY_JS = "gallery-data.js"
 GALLERY_GLOBAL = "CONVLENS_GALLERY"
 DEFAULT_PAGE_SIZE = 100
-#: failed inputs listed in index.html (all of them are in the gallery's "failed" filter)
-FAILED_TABLE_MAX = 1000
 CLASS_CAM_SIDE = 128
 GRIDS_HINT = "convlens run ... --grids all"
 
@@ -122,12 +115,17 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
         raise ValueError("page_size must be >= 1")
     run = read_run(outdir)
     results = read_results(outdir / RESULTS, run.class_names)
-    layers = read_stats(outdir, run.spec)
-    assets = AssetIndex.scan(outdir)
-    names = class_names(run, results)
-    env = make_env()
-    title = title_of(run)
-    policy = str(run.assets.get("grids") or run.settings.get("grids") or "unknown")
+    ctx = ReportContext(
+        outdir=outdir,
+        run=run,
+        results=results,
+        layers=read_stats(outdir, run.spec),
+        assets=AssetIndex.scan(outdir),
+        names=class_names(run, results),
+        policy=str(run.assets.get("grids") or run.settings.get("grids") or "unknown"),
+        page_size=page_size,
+        title=title_of(run),
+    )
     common = {
         "version": __version__,
         "model_name": os.path.basename(run.model) if run.model else "",
@@ -140,104 +138,25 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
         "overlay_alpha": OVERLAY_ALPHA,
         "nav": NAV,
     }
-
     _copy_static(outdir)
-    images_dir = outdir / "images"
-    images_dir.mkdir(exist_ok=True)
-
-    ok = [e for e in results.entries if e.ok]
-    methods_index: dict[str, int] = {}
-    items: list[list[Any]] = []
-    tpl_image = env.get_template(TEMPLATE["image"])
-    for i, e in enumerate(ok):
-        cams = assets.cams(e.id)
-        grid_files = assets.grids(e.id)
-        methods, rows = cam_rows(e, cams, names)
-        page = ImagePage(
-            entry=e,
-            thumb=assets.thumb(e.id),
-            position=i + 1,
-            total=len(ok),
-            prev_id=ok[i - 1].id if i > 0 else None,
-            next_id=ok[i + 1].id if i + 1 < len(ok) else None,
-            methods=methods,
-            cam_rows=rows,
-            grids=grid_views(e, grid_files, layers),
-            grids_written=any(f.endswith(".jpg") for f in grid_files),
-            grid_policy=policy,
-        )
-        html = tpl_image.render(root="../", page_kind="image", title=e.relpath, p=page, **common)
-        write_if_changed(images_dir / f"{e.id}.html", html.encode("utf-8"))
-
-        top = e.top
-        overlay = -1
-        if top is not None and methods and cam_file_name(methods[0], top.index) in cams:
-            overlay = methods_index.setdefault(methods[0], len(methods_index))
-        items.append(
-            [
-                e.id,
-                e.relpath,
-                top.index if top else -1,
-                round(top.prob, 4) if top else -1,
-                -1 if e.label_index is None else e.label_index,
-                1 if page.thumb else 0,
-                overlay,
-                "",
-            ]
-        )
+    (outdir / IMAGES_DIR).mkdir(exist_ok=True)
+    env = make_env()
+    written: set[str] = set()
+    for kind in PAGES:
+        template = env.get_template(kind.template)
+        for page in kind.build(ctx):
+            html = template.render(
+                root=page.root, page_kind=kind.kind, title=page.title, p=page.data, **common
+            )
+            write_if_changed(outdir / page.path, html.encode("utf-8"))
+            written.add(page.path)
     # pages of images that are no longer ok inputs (a re-run, a changed results.jsonl)
-    current = {f"{e.id}.html" for e in ok}
-    for name in list_dir(images_dir) - current:
-        if name.endswith(".html"):
-            (images_dir / name).unlink(missing_ok=True)
-    for e in results.entries:
-        if not e.ok:
-            label = -1 if e.label_index is None else e.label_index
-            items.append([e.id, e.relpath, -1, -1, label, 0, -1, e.error or "unknown error"])
-
-    method_names = sorted(methods_index, key=lambda m: methods_index[m])
-    gallery = {
-        "pageSize": page_size,
-        "classes": names,
-        # CAM heatmap of item i, laid over its thumbnail:
-        # assets/cams/<id>/<overlays[item.overlay]>_<item.pred>.png
-        "overlays": [safe_name(m) for m in method_names],
-        "methods": method_names,
-        "items": items,
-        "fields": ["id", "relpath", "pred", "prob", "label", "thumb", "overlay", "error"],
-    }
-    js = f"window.{GALLERY_GLOBAL} = {js_literal(gallery)};\n"
+    for name in list_dir(outdir / IMAGES_DIR):
+        if name.endswith(".html") and f"{IMAGES_DIR}/{name}" not in written:
+            (outdir / IMAGES_DIR / name).unlink(missing_ok=True)
+    js = f"window.{GALLERY_GLOBAL} = {js_literal(gallery_data(ctx))};\n"
     write_if_changed(outdir / "static" / GALLERY_JS, js.encode("ascii"))
-
-    summary = summarise(results, run)
-    failed = [e for e in results.entries if not e.ok]
-    facts = []
-    if run.model:
-        facts.append(("Model", run.model))
-    facts.append(("Grid policy", policy))
-    index = IndexPage(
-        title=title,
-        summary=summary,
-        failed=failed[:FAILED_TABLE_MAX],
-        failed_more=max(0, len(failed) - FAILED_TABLE_MAX),
-        bad_lines=results.bad_lines,
-        duplicates=results.duplicates,
-        page_size=page_size,
-        grid_policy=policy,
-        facts=facts,
-    )
-    html = env.get_template(TEMPLATE["index"]).render(
-        root="", page_kind="index", title=title, p=index, **common
-    )
-    index_path = outdir / "index.html"
-    write_if_changed(index_path, html.encode("utf-8"))
-
-    model = model_page(outdir, run, layers, names)
-    html = env.get_template(TEMPLATE["model"]).render(
-        root="", page_kind="model", title=f"Model · {title}", p=model, **common
-    )
-    write_if_changed(outdir / "model.html", html.encode("utf-8"))
-    return index_path
+    return outdir / "index.html"
 
 
 def clean_report(outdir: Path) -> None:
