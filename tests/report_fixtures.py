@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from convlens.engine.contract import (
     OutputSpec,
     Preprocess,
 )
+from convlens.engine.rundir import RunDir
 from convlens.engine.sinks import ImageOutcome
 from convlens.reports import ReportAssetSink
 
@@ -356,11 +357,13 @@ def make_fake_run(
     }
     np.savez(outdir / "class_cams.npz", counts=cam_count, **cams)
     summary = {"images": len(records), "ok": n_ok, "failed": len(records) - n_ok}
-    run = {  # the keys engine/run.py writes
-        "model_path": str(outdir.parent / "fake_cnn.onnx"),
-        "spec": asdict(spec),
-        "settings": settings,
-        "summary": {
+    # run.json through the engine's own (one) writer of it
+    RunDir(outdir).write_run_json(
+        outdir.parent / "fake_cnn.onnx",
+        spec,
+        settings,
+        {"model_sha1": "0" * 40},
+        {
             "total": len(records),
             "ok": n_ok,
             "failed": len(records) - n_ok,
@@ -370,7 +373,6 @@ def make_fake_run(
             "images_per_second": 20.0,
             "device": "cpu (fake run, no engine)",
         },
-    }
-    (outdir / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True))
+    )
     sink.close(summary)
     return FakeRun(outdir, input_dir, spec, records, sink, grid_ids)
