@@ -170,13 +170,21 @@ class Summary:
 
 
 # ---- readers ----------------------------------------------------------------------
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, notes: list[str]) -> dict[str, Any]:
+    """A JSON object, or {} when the file is missing (a run still going) or damaged; a
+    damaged one gets a line in ``notes``, so the report says what it could not show."""
+    if not path.exists():
+        return {}
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        notes.append(f"{path.name} could not be read ({type(exc).__name__}); shown without it")
         return {}
-    return doc if isinstance(doc, dict) else {}
+    if not isinstance(doc, dict):
+        notes.append(f"{path.name} is not a JSON object; shown without it")
+        return {}
+    return doc
 
 
 def _int_or_none(v: Any) -> int | None:
@@ -266,10 +274,10 @@ def read_results(path: Path, class_names: list[str]) -> Results:
     return Results(entries, bad, dup)
 
 
-def read_run(outdir: Path) -> RunInfo:
+def read_run(outdir: Path, notes: list[str]) -> RunInfo:
     """run.json: ``model_path`` (or ``model``), ``spec``, ``settings``, ``summary``; any other
     top-level keys are kept in ``extra``.  Missing (e.g. while a run is going) -> empty."""
-    doc = read_json(outdir / RUN_JSON)
+    doc = read_json(outdir / RUN_JSON, notes)
     spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else None
     names = [str(n) for n in (spec or {}).get("class_names") or []]
     known = {"model", "model_path", "spec", "settings", "summary", "counts", "timings"}
@@ -287,7 +295,7 @@ def read_run(outdir: Path) -> RunInfo:
         summary=summary,
         timings=as_dict(doc.get("timings")),
         extra={k: v for k, v in sorted(doc.items()) if k not in known},
-        assets=read_json(outdir / ASSETS_DIR / ASSETS_JSON),
+        assets=read_json(outdir / ASSETS_DIR / ASSETS_JSON, notes),
         class_names=names,
     )
 
@@ -326,9 +334,9 @@ def layer_order(spec: dict[str, Any] | None) -> list[tuple[str, list[int]]]:
     return out
 
 
-def read_stats(outdir: Path, spec: dict[str, Any] | None) -> list[LayerStats]:
+def read_stats(outdir: Path, spec: dict[str, Any] | None, notes: list[str]) -> list[LayerStats]:
     """stats.json per exposed layer, in the spec's layer order (then any others, sorted)."""
-    doc = read_json(outdir / STATS_JSON)
+    doc = read_json(outdir / STATS_JSON, notes)
     nested = doc.get("layers")
     layers: dict[str, Any] = nested if isinstance(nested, dict) else doc
     order = layer_order(spec)

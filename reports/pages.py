@@ -9,6 +9,7 @@ from the run's data; templates only render them.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,8 @@ class ReportContext:
     policy: str
     page_size: int
     title: str
+    class_cams: list[ClassCam]  # made (images written) before any page is rendered
+    notes: list[str]  # what could not be read; every page shows them
 
     @property
     def ok(self) -> list[ImageEntry]:
@@ -222,13 +225,17 @@ def grid_views(e: ImageEntry, files: set[str], layers: list[LayerStats]) -> list
 
 
 # ---- model page --------------------------------------------------------------------
-def class_cam_images(outdir: Path, names: list[str], spec: dict[str, Any] | None) -> list[ClassCam]:
+def class_cam_images(
+    outdir: Path, names: list[str], spec: dict[str, Any] | None, notes: list[str]
+) -> list[ClassCam]:
+    """The per-class mean CAM images (assets/class_cams/class_<i>.png) and their data."""
     path = outdir / CLASS_CAMS
     if not path.exists():
         return []
     try:
         npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        notes.append(f"{CLASS_CAMS} could not be read ({type(exc).__name__}); shown without it")
         return []
     inp = (spec or {}).get("input") or {}
     ih, iw = int(inp.get("height") or 1), int(inp.get("width") or 1)
@@ -261,7 +268,7 @@ def class_cam_images(outdir: Path, names: list[str], spec: dict[str, Any] | None
     return cams
 
 
-def model_page(outdir: Path, run: RunInfo, layers: list[LayerStats], names: list[str]) -> ModelPage:
+def model_page(run: RunInfo, layers: list[LayerStats], class_cams: list[ClassCam]) -> ModelPage:
     spec = run.spec or {}
     sections: list[tuple[str, list[tuple[str, str]]]] = []
     general = {
@@ -299,7 +306,7 @@ def model_page(outdir: Path, run: RunInfo, layers: list[LayerStats], names: list
         class_names=[str(n) for n in spec.get("class_names") or []],
         parity=flatten(parity or {}),
         layers=layers,
-        class_cams=class_cam_images(outdir, names, spec),
+        class_cams=class_cams,
         run_sections=run_sections,
     )
 
@@ -332,7 +339,7 @@ def index_pages(ctx: ReportContext) -> Iterator[Rendered]:
 
 
 def model_pages(ctx: ReportContext) -> Iterator[Rendered]:
-    page = model_page(ctx.outdir, ctx.run, ctx.layers, ctx.names)
+    page = model_page(ctx.run, ctx.layers, ctx.class_cams)
     yield Rendered("model.html", "", f"Model · {ctx.title}", page)
 
 

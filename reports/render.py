@@ -47,6 +47,7 @@ from .pages import (
     NAV,
     PAGES,
     ReportContext,
+    class_cam_images,
     class_names,
     gallery_data,
     title_of,
@@ -113,18 +114,22 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
         raise FileNotFoundError(f"{outdir}: no {RESULTS} (not a convlens run directory)")
     if page_size < 1:
         raise ValueError("page_size must be >= 1")
-    run = read_run(outdir)
+    notes: list[str] = []
+    run = read_run(outdir, notes)
     results = read_results(outdir / RESULTS, run.class_names)
+    names = class_names(run, results)
     ctx = ReportContext(
         outdir=outdir,
         run=run,
         results=results,
-        layers=read_stats(outdir, run.spec),
+        layers=read_stats(outdir, run.spec, notes),
         assets=AssetIndex.scan(outdir),
-        names=class_names(run, results),
+        names=names,
+        class_cams=class_cam_images(outdir, names, run.spec, notes),
         policy=str(run.assets.get("grids") or run.settings.get("grids") or "unknown"),
         page_size=page_size,
         title=title_of(run),
+        notes=notes,
     )
     common = {
         "version": __version__,
@@ -137,6 +142,7 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
         "grid_colormap": GRID_COLORMAP_NAME,
         "overlay_alpha": OVERLAY_ALPHA,
         "nav": NAV,
+        "notes": notes,
     }
     _copy_static(outdir)
     (outdir / IMAGES_DIR).mkdir(exist_ok=True)

@@ -732,3 +732,20 @@ def test_safe_names() -> None:
         assert len(s) <= 64
     assert A.safe_name("a/b") != A.safe_name("a_b")
     assert A.safe_name("block1_conv1") == "block1_conv1"
+
+
+def test_damaged_files_are_named_on_every_page(fake: FakeRun, tmp_path: Path) -> None:
+    """A damaged stats.json or class_cams.npz: the report still renders, and every page
+    says which file it could not read instead of silently showing less."""
+    out = tmp_path / "damaged"
+    shutil.copytree(fake.outdir, out)
+    (out / "stats.json").write_text('{"conv1": {"shape"')
+    (out / "class_cams.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    render_report(out, page_size=PAGE_SIZE)
+    rid = fake.ok_records[0]["id"]
+    for page in (out / "index.html", out / "model.html", out / "images" / f"{rid}.html"):
+        text = " ".join(_audit(page).text)
+        assert "stats.json could not be read (JSONDecodeError)" in text, page
+        assert "class_cams.npz could not be read" in text, page
+    clean = " ".join(_audit(fake.outdir / "index.html").text)
+    assert "could not be read" not in clean
