@@ -7,10 +7,8 @@ an empty value, a torn last line of results.jsonl is skipped (and counted).
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +24,11 @@ from .assets import (
     grid_file_name,
     safe_id,
 )
+from .formatting import compress_ranges
 
 # the run directory's file names come from the module that owns that contract (OUTDIR.md)
 
 #: a full confusion matrix is drawn up to this many classes; above, the most confused pairs
-CONFUSION_MAX_CLASSES = 25
-CONFUSED_PAIRS = 25
-HEAT_LEVELS = 6
 
 
 @dataclass(slots=True)
@@ -127,46 +123,6 @@ class RunInfo:
         if 0 <= index < len(self.class_names):
             return self.class_names[index]
         return f"class {index}"
-
-
-@dataclass
-class ConfusionCell:
-    count: int
-    level: int  # 0..HEAT_LEVELS-1 (row-normalised), for a CSS class
-    diagonal: bool
-
-
-@dataclass
-class ConfusionRow:
-    index: int
-    name: str
-    total: int
-    cells: list[ConfusionCell]
-
-
-@dataclass
-class ConfusedPair:
-    true_index: int
-    true_name: str
-    pred_index: int
-    pred_name: str
-    count: int
-
-
-@dataclass
-class Summary:
-    images: int
-    ok: int
-    failed: int
-    classes: int
-    labelled: int
-    correct: int
-    accuracy: float | None
-    topk: int
-    topk_accuracy: float | None
-    confusion_classes: list[tuple[int, str]] = field(default_factory=list)
-    confusion: list[ConfusionRow] = field(default_factory=list)
-    confused_pairs: list[ConfusedPair] = field(default_factory=list)
 
 
 # ---- readers ----------------------------------------------------------------------
@@ -433,112 +389,3 @@ class AssetIndex:
     @staticmethod
     def grid_path(image_id: str, layer: str) -> str:
         return f"{ASSETS_DIR}/{GRIDS_DIR}/{image_id}/{grid_file_name(layer)}"
-
-
-# ---- summary ----------------------------------------------------------------------
-def heat_level(fraction: float) -> int:
-    if fraction <= 0:
-        return 0
-    return min(HEAT_LEVELS - 1, 1 + int(fraction * (HEAT_LEVELS - 1)))
-
-
-def summarise(results: Results, run: RunInfo) -> Summary:
-    ok = [e for e in results.entries if e.ok]
-    labelled = [e for e in ok if e.label_index is not None and e.predictions]
-    correct = sum(1 for e in labelled if e.correct)
-    topk = max((len(e.predictions) for e in ok), default=0)
-    in_topk = sum(1 for e in labelled if any(p.index == e.label_index for p in e.predictions))
-    n_classes = len(run.class_names) or len(
-        {p.index for e in ok for p in e.predictions} | {e.label_index for e in labelled}
-    )
-    s = Summary(
-        images=len(results.entries),
-        ok=len(ok),
-        failed=len(results.entries) - len(ok),
-        classes=n_classes,
-        labelled=len(labelled),
-        correct=correct,
-        accuracy=correct / len(labelled) if labelled else None,
-        topk=topk,
-        topk_accuracy=in_topk / len(labelled) if labelled and topk > 1 else None,
-    )
-    if not labelled:
-        return s
-    pairs: Counter[tuple[int, int]] = Counter()
-    names: dict[int, str] = {}
-    for e in labelled:
-        assert e.label_index is not None and e.top is not None
-        pairs[(e.label_index, e.top.index)] += 1
-        names.setdefault(e.top.index, e.top.name)
-        if e.label is not None:
-            names.setdefault(e.label_index, e.label)
-
-    def name(i: int) -> str:
-        return run.class_name(i) if i < len(run.class_names) else names.get(i, f"class {i}")
-
-    classes = sorted({t for t, _ in pairs} | {p for _, p in pairs})
-    if len(classes) <= CONFUSION_MAX_CLASSES:
-        s.confusion_classes = [(c, name(c)) for c in classes]
-        for t in classes:
-            total = sum(pairs[(t, p)] for p in classes)
-            cells = []
-            for p in classes:
-                n = pairs[(t, p)]
-                cells.append(ConfusionCell(n, heat_level(n / total if total else 0.0), t == p))
-            s.confusion.append(ConfusionRow(t, name(t), total, cells))
-    wrong = [(n, t, p) for (t, p), n in pairs.items() if t != p]
-    wrong.sort(key=lambda x: (-x[0], x[1], x[2]))
-    s.confused_pairs = [
-        ConfusedPair(t, name(t), p, name(p), n) for n, t, p in wrong[:CONFUSED_PAIRS]
-    ]
-    return s
-
-
-# ---- formatting helpers ----------------------------------------------------------
-def compress_ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> "0–2, 5, 7–8"."""
-    out: list[str] = []
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}–{values[j]}")
-        i = j + 1
-    return ", ".join(out)
-
-
-def fmt_num(v: Any) -> str:
-    """Short human form of a number (or pass other values through as JSON)."""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v) or math.isinf(v):
-            return str(v)
-        if v == 0:
-            return "0"
-        if abs(v) >= 1e5 or abs(v) < 1e-3:
-            return f"{v:.3e}"
-        return f"{v:.4g}"
-    if v is None:
-        return "—"
-    if isinstance(v, str):
-        return v
-    return json.dumps(v, sort_keys=True, ensure_ascii=False)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """Nested dict -> [("a.b", "value")], values formatted with :func:`fmt_num`."""
-    rows: list[tuple[str, str]] = []
-    for k in sorted(d, key=str):
-        v = d[k]
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            rows.extend(flatten(v, key + "."))
-        elif isinstance(v, list) and len(v) > 12:
-            rows.append((key, f"[{len(v)} values] " + fmt_num(v[:12])[:-1] + ", …]"))
-        else:
-            rows.append((key, fmt_num(v)))
-    return rows

@@ -28,11 +28,9 @@ from .data import (
     OutputRow,
     Results,
     RunInfo,
-    Summary,
-    flatten,
     outputs_table,
-    summarise,
 )
+from .formatting import flatten
 from .imaging import (
     CAM_COLORMAP,
     GRID_COLS,
@@ -41,6 +39,7 @@ from .imaging import (
     normalise_map,
     write_if_changed,
 )
+from .summary import Summary, summarise
 
 CLASS_CAM_SIDE = 128
 

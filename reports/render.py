@@ -26,12 +26,12 @@ from .assets import (
 )
 from .data import (
     AssetIndex,
-    fmt_num,
     list_dir,
     read_results,
     read_run,
     read_stats,
 )
+from .formatting import fmt_num
 from .imaging import (
     CAM_COLORMAP,
     CAM_COLORMAP_NAME,
