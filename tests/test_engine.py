@@ -593,13 +593,19 @@ def test_activations_only_for_images_a_sink_wants(
             np.testing.assert_allclose(acts[name[len(C.ACT_PREFIX) :]], r[0], rtol=1e-5, atol=1e-6)
 
 
-def _cli_run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "convlens.cli", "run", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _cli_run(*args: str) -> Any:
+    """``convlens run ARGS`` in this process (click's runner): the same command, exit
+    status and streams as a subprocess, without starting Python again."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from convlens.cli import main
+
+    r = CliRunner().invoke(main, ["run", *args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
 
 def test_non_utf8_file_name(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
