@@ -25,8 +25,10 @@ from refs import _ort
 
 pytestmark = pytest.mark.tf
 
-GRADIENT_METHODS = ["gradcam", "gradcampp", "layercam", "eigencam"]
+# what a GAP head serves (every method) and what any other head serves (all but those
+# that need the classifier's weights), from the registry
 ALL_METHODS = list(METHODS)
+GRADIENT_METHODS = [m for m, method in METHODS.items() if not method.needs_weights]
 
 # family -> (architecture, form, px, head kind, preprocessing); slow ones marked below
 FAMILIES: dict[str, tuple[str, str, int, str, str]] = {
