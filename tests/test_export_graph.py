@@ -194,3 +194,29 @@ def test_preprocessing_defaults_of_keras_applications() -> None:
         weights=None, input_shape=(64, 64, 3), include_preprocessing=False
     )
     assert default_preprocess(v2, first_kinds(v2))[0] == "symmetric"
+
+
+def test_parity_catches_a_wrong_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converted graph with one weight off by 2 %: the export is refused (the reference's
+    own noise, image by image against the batch, is ~1e-7 on a sane model)."""
+    require_tf()
+    from onnx import numpy_helper
+
+    import convlens.exporter.export as E
+    from convlens.exporter.errors import ExportError
+
+    model = _branchy(tmp_path / "b.keras")
+    real = E.convert
+
+    def wrong(*args: Any, **kw: Any) -> Any:
+        proto = real(*args, **kw)
+        init = max(proto.graph.initializer, key=lambda i: numpy_helper.to_array(i).size)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.02, init.name))
+        return proto
+
+    monkeypatch.setattr(E, "convert", wrong)
+    with pytest.raises(ExportError, match=r"parity check failed: .*TensorFlow's own noise"):
+        E.export_loaded(model, tmp_path / "w.onnx")
+    monkeypatch.setattr(E, "convert", real)
+    ok = E.export_loaded(model, tmp_path / "r.onnx")
+    assert ok.spec.parity["passed"] and not ok.spec.parity["noisy"]
