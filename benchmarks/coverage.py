@@ -32,7 +32,7 @@ START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 EXTRA = [("VGG16", "top", 224), ("VGG19", "top", 224)]
 
 
-def one(arch: str, form: str, size: int, calibrate_bn: bool = False) -> dict[str, Any]:
+def one(arch: str, form: str, size: int) -> dict[str, Any]:
     """Run in the child process: export one model, return its row."""
     import os
 
@@ -43,8 +43,8 @@ def one(arch: str, form: str, size: int, calibrate_bn: bool = False) -> dict[str
     from convlens.exporter.errors import ExportError
     from convlens.exporter.export import export_loaded, peak_rss_mb
 
-    row: dict[str, Any] = {"arch": arch, "form": form, "size": size, "bn": calibrate_bn}
-    model = build(arch, form, size, calibrate_bn=calibrate_bn)
+    row: dict[str, Any] = {"arch": arch, "form": form, "size": size}
+    model = build(arch, form, size)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -69,6 +69,8 @@ def one(arch: str, form: str, size: int, calibrate_bn: bool = False) -> dict[str
         parity_worst=spec.parity["worst"],
         preprocess=spec.preprocess.kind,
         warnings=r.warnings,
+        noisy=bool(spec.parity.get("noisy")),
+        noise=spec.parity.get("noise", 0.0),
     )
     return row
 
@@ -96,9 +98,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r["ok"]:
             methods = "all 5" if len(r["methods"]) == 5 else ", ".join(r["methods"])
             tape = f"{r['tape_score']:.0e}" if r.get("tape_score") is not None else "-"
-            bn = " (BN calibrated)" if r.get("bn") else ""
+            noisy = " ⚠" if r.get("noisy") else ""
             lines.append(
-                f"| {r['arch']}{bn} | {r['form']} | {r['size']} | yes | {r['head']} "
+                f"| {r['arch']}{noisy} | {r['form']} | {r['size']} | yes | {r['head']} "
                 f"| `{r['cam']}` {r['cam_hw']} | {methods} | {r['seconds']:.0f} "
                 f"| {r['rss_mb'] / 1024:.1f} | {r['onnx_mb']:.0f} | {tape} |"
             )
@@ -127,16 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--again", action="store_true", help="redo rows already in the cache")
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument("--timeout", type=int, default=1200)
-    ap.add_argument(
-        "--calibrate-bn",
-        action="store_true",
-        help="set BatchNormalization statistics from one batch of photos (deep random "
-        "networks whose activations otherwise overflow float32 agreement)",
-    )
     ap.add_argument("--one", nargs=3, metavar=("ARCH", "FORM", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one[0], args.one[1], int(args.one[2]), args.calibrate_bn)))
+        print(json.dumps(one(args.one[0], args.one[1], int(args.one[2]))))
         return 0
 
     from backbones import MIN_SIZE, architectures
@@ -150,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         if key in cache and not args.again:
             continue
         cmd = [sys.executable, __file__, "--one", arch, form, str(size)]
-        cmd += ["--calibrate-bn"] if args.calibrate_bn else []
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)

@@ -25,45 +25,12 @@ def architectures() -> list[str]:
     return sorted(n for n in dir(keras.applications) if n[0].isupper())
 
 
-def build(arch: str, form: str, size: int, seed: int = 0, calibrate_bn: bool = False) -> Any:
-    """The model, random weights.  ``calibrate_bn``: BatchNormalization statistics set
-    from one batch of the bundled photos, as training would have set them, so that a
-    very deep random network (EfficientNetV2L) does not grow its activations to 1e8."""
+def build(arch: str, form: str, size: int, seed: int = 0) -> Any:
+    """The model in that form, random weights."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = _build(keras, arch, form, size)
-    if calibrate_bn:
-        recalibrate_batchnorm(model, size)
-    return model
-
-
-def recalibrate_batchnorm(model: Any, size: int) -> None:
-    """One forward pass in training mode with every BN's momentum at 0: each layer's
-    moving mean and variance become those of its input on real photos."""
-    import cv2
-
-    from convlens.engine.images import discover, read_image
-    from convlens.pipeline import demo_paths
-
-    files = discover([str(demo_paths()[1])]).files
-    x = np.stack(
-        [cv2.resize(read_image(f), (size, size)).astype(np.float32) / 127.5 - 1 for f in files]
-    )
-    bns = [layer for layer in _leaves(model) if type(layer).__name__ == "BatchNormalization"]
-    saved = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.momentum = 0.0
-    model(x, training=True)
-    for bn, m in zip(bns, saved, strict=True):
-        bn.momentum = m
-
-
-def _leaves(model: Any) -> list[Any]:
-    out = []
-    for layer in model.layers:
-        out += _leaves(layer) if hasattr(layer, "layers") else [layer]
-    return out
+    return _build(keras, arch, form, size)
 
 
 def _build(keras: Any, arch: str, form: str, size: int) -> Any:
