@@ -40,6 +40,10 @@ def analyze(
             )
         )
     summary = run(model, inputs, outdir, options, sinks=sinks, progress=progress, warn=warn)
+    if options is not None and options.force and not report:
+        from convlens.reports import clean  # no report this time: none of the old one stays
+
+        clean(outdir)
     index = None
     if report:
         from convlens.reports import render_report

@@ -164,6 +164,7 @@ class RunPlan:
             "batch_size": self.batch_size,
             "save_maps": self.save_maps,
             "max_pixels": self.max_pixels,
+            "force": self.force,  # sinks start their own files over too
         }
 
 

@@ -30,9 +30,9 @@ CLASS_CAMS = "class_cams.npz"
 SHARDS = "shards"
 MAPS = "maps"
 LOCK = ".lock"
-# what --force removes: the engine's files, and the report's (re-rendered after a run)
-RUN_FILES = ("results.jsonl", RUN_JSON, STATS_JSON, CLASS_CAMS, "index.html", "model.html")
-RUN_DIRS = (MAPS, SHARDS, "assets", "images", "static")
+# what --force removes: the engine's own files (sinks clean theirs: settings["force"])
+RUN_FILES = ("results.jsonl", RUN_JSON, STATS_JSON, CLASS_CAMS)
+RUN_DIRS = (MAPS, SHARDS)
 TEMPORARIES = (f"{SHARDS}/.*.tmp", f"{MAPS}/.*.npz.*.tmp")
 
 

@@ -5,7 +5,16 @@
 still running) OUTDIR into ``index.html``, ``model.html`` and ``images/<id>.html``.
 """
 
-from .assets import ReportAssetSink
-from .render import render_report
+from pathlib import Path
 
-__all__ = ["ReportAssetSink", "render_report"]
+from .assets import ReportAssetSink, clean_assets
+from .render import clean_report, render_report
+
+__all__ = ["ReportAssetSink", "clean", "render_report"]
+
+
+def clean(outdir: str | Path) -> None:
+    """Remove every file the report side wrote into OUTDIR (pages, static, assets),
+    none of the engine's."""
+    clean_report(Path(outdir))
+    clean_assets(Path(outdir))

@@ -53,6 +53,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,6 +151,15 @@ def is_low_confidence(record: dict[str, Any]) -> bool:
     return prob is not None and prob < LOW_CONFIDENCE
 
 
+def clean_assets(outdir: Path) -> None:
+    """Remove what the sink wrote (only the names it makes): assets/{thumbs,cams,grids,
+    class_cams} and assets.json."""
+    root = Path(outdir) / ASSETS_DIR
+    for sub in (THUMBS_DIR, CAMS_DIR, GRIDS_DIR, CLASS_CAMS_DIR):
+        shutil.rmtree(root / sub, ignore_errors=True)
+    (root / ASSETS_JSON).unlink(missing_ok=True)
+
+
 class ReportAssetSink:
     """Writes thumbnails, CAM overlays and activation grids while the engine runs."""
 
@@ -187,6 +197,8 @@ class ReportAssetSink:
 
     # -- ResultSink --------------------------------------------------------------
     def open(self, outdir: Path, spec: ModelSpec, settings: dict[str, Any]) -> None:
+        if settings.get("force"):  # --force: the report starts over, like the engine
+            clean_assets(Path(outdir))
         root = Path(outdir) / ASSETS_DIR
         for sub in (THUMBS_DIR, CAMS_DIR, GRIDS_DIR):
             (root / sub).mkdir(parents=True, exist_ok=True)

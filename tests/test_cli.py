@@ -113,3 +113,22 @@ def test_run_options_come_from_their_declaration() -> None:
     assert all(m in help_text for m in METHODS)
     r = CliRunner().invoke(main, ["demo", "-o", "/nonexistent/x", "--cam", "gradcam,nope"])
     assert r.exit_code == 2 and "unknown CAM method nope" in r.output
+
+
+def test_force_starts_both_sides_over(tmp_path: Path) -> None:
+    """--force: the engine removes its files and the report side its own; with
+    --no-report none of the old report stays to describe results that are gone."""
+    from convlens.pipeline import demo_paths
+
+    model, photos = demo_paths()
+    out = tmp_path / "o"
+    args = ["run", str(model), str(photos / "brick"), "-o", str(out), "-q", "--device", "cpu"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert (out / "index.html").exists() and any((out / "assets" / "thumbs").iterdir())
+    stray = out / "assets" / "thumbs" / "0123456789abcdef.jpg"  # an input no longer there
+    stray.write_bytes(b"x")
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+    assert not stray.exists() and (out / "index.html").exists()
+    assert CliRunner().invoke(main, [*args, "--force", "--no-report"]).exit_code == 0
+    assert (out / "results.jsonl").exists() and not (out / "index.html").exists()
+    assert not (out / "assets").exists() or not any((out / "assets").rglob("*.jpg"))
