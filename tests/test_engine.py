@@ -670,12 +670,16 @@ def test_outdir_of_another_model_is_refused(demo_model: tuple[Path, Path], tmp_p
     before = (out / "results.jsonl").read_bytes()
     r = _cli_run(str(model), str(photos / "grass"), "-o", str(out), "--force", "--cam", "nosuch")
     assert r.returncode == 2 and (out / "results.jsonl").read_bytes() == before
-    # --force with a working setup recomputes, report files included
-    (out / "assets" / "stale.txt").write_text("old")
+    # --force with a working setup recomputes, report files included; a file convlens
+    # did not make is never deleted
+    stale = out / "assets" / "thumbs" / "0123456789abcdef.jpg"
+    stale.write_text("old")
+    (out / "assets" / "mine.txt").write_text("a user's note")
     r = _cli_run(
         str(other), str(photos / "grass"), "-o", str(out), "--device", "cpu", "--force", "-q"
     )
-    assert r.returncode == 0 and not (out / "assets" / "stale.txt").exists()
+    assert r.returncode == 0 and not stale.exists()
+    assert (out / "assets" / "mine.txt").read_text() == "a user's note"
 
 
 def test_duplicate_classes_are_mapped_once(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
