@@ -22,6 +22,23 @@ import numpy as np
 RESULTS = "results.jsonl"
 
 
+class LinkInOutdir(OSError):
+    """A path convlens writes or deletes inside OUTDIR is a symbolic link: following it
+    could touch files outside OUTDIR.  ``str(e)`` is one line."""
+
+
+def refuse_links(outdir: str | Path, names: tuple[str, ...]) -> None:
+    """Refuse to work on OUTDIR when any of ``names`` (files and folders convlens makes
+    there, relative to OUTDIR) is a symbolic link.  OUTDIR itself may be one."""
+    root = Path(outdir)
+    for name in names:
+        if os.path.islink(root / name):
+            raise LinkInOutdir(
+                f"{root / name} is a symbolic link; convlens writes only inside OUTDIR: "
+                "remove the link or use another -o"
+            )
+
+
 def image_id(path: str | Path) -> str:
     """Stable id of an input: first 16 hex digits of sha1 of its absolute path."""
     return hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]

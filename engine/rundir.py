@@ -20,7 +20,7 @@ from typing import Any
 
 from . import contract as C
 from .plan import RunError
-from .results import ResultsLog, atomic_save_npz, atomic_write_json
+from .results import ResultsLog, atomic_save_npz, atomic_write_json, refuse_links
 from .stats import ClassCAMs, RunStats
 
 SCHEMA_VERSION = 1  # of run.json
@@ -34,6 +34,7 @@ LOCK = ".lock"
 RUN_FILES = ("results.jsonl", RUN_JSON, STATS_JSON, CLASS_CAMS)
 RUN_DIRS = (MAPS, SHARDS)
 TEMPORARIES = (f"{SHARDS}/.*.tmp", f"{MAPS}/.*.npz.*.tmp")
+OWN = (*RUN_FILES, *RUN_DIRS, LOCK)  # never symbolic links (refuse_links)
 
 
 def file_sha1(path: Path) -> str:
@@ -57,6 +58,7 @@ class RunDir:
         import fcntl
 
         self.path.mkdir(parents=True, exist_ok=True)
+        refuse_links(self.path, OWN)
         with open(self.path / LOCK, "a") as f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -68,6 +70,7 @@ class RunDir:
         out = self.path
         if out.exists() and not out.is_dir():
             raise RunError(f"{out}: exists and is not a directory")
+        refuse_links(out, OWN)
         if force and out.exists():
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)

@@ -58,6 +58,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convlens.engine.results import refuse_links
+
 from .imaging import (
     CAM_COLORMAP_NAME,
     GRID_COLORMAP_NAME,
@@ -151,9 +153,22 @@ def is_low_confidence(record: dict[str, Any]) -> bool:
     return prob is not None and prob < LOW_CONFIDENCE
 
 
+#: what the report side writes in OUTDIR: never followed if it is a symbolic link
+REPORT_PATHS = (
+    "index.html",
+    "model.html",
+    "images",
+    "static",
+    ASSETS_DIR,
+    *(f"{ASSETS_DIR}/{d}" for d in (THUMBS_DIR, CAMS_DIR, GRIDS_DIR, CLASS_CAMS_DIR)),
+    f"{ASSETS_DIR}/{ASSETS_JSON}",
+)
+
+
 def clean_assets(outdir: Path) -> None:
     """Remove what the sink wrote (only the names it makes): assets/{thumbs,cams,grids,
     class_cams} and assets.json."""
+    refuse_links(outdir, REPORT_PATHS)
     root = Path(outdir) / ASSETS_DIR
     for sub in (THUMBS_DIR, CAMS_DIR, GRIDS_DIR, CLASS_CAMS_DIR):
         shutil.rmtree(root / sub, ignore_errors=True)
@@ -197,6 +212,7 @@ class ReportAssetSink:
 
     # -- ResultSink --------------------------------------------------------------
     def open(self, outdir: Path, spec: ModelSpec, settings: dict[str, Any]) -> None:
+        refuse_links(outdir, REPORT_PATHS)
         if settings.get("force"):  # --force: the report starts over, like the engine
             clean_assets(Path(outdir))
         root = Path(outdir) / ASSETS_DIR

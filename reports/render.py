@@ -17,12 +17,13 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from convlens import __version__
-from convlens.engine.results import RESULTS
+from convlens.engine.results import RESULTS, refuse_links
 
 from .assets import (
     ASSETS_DIR,
     CLASS_CAMS_DIR,
     LOW_CONFIDENCE,
+    REPORT_PATHS,
 )
 from .data import (
     AssetIndex,
@@ -114,6 +115,7 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
         raise FileNotFoundError(f"{outdir}: no {RESULTS} (not a convlens run directory)")
     if page_size < 1:
         raise ValueError("page_size must be >= 1")
+    refuse_links(outdir, REPORT_PATHS)
     notes: list[str] = []
     run = read_run(outdir, notes)
     results = read_results(outdir / RESULTS, run.class_names)
@@ -168,6 +170,7 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
 def clean_report(outdir: Path) -> None:
     """Remove what :func:`render_report` wrote (not the run's data or the sink's assets)."""
     outdir = Path(outdir)
+    refuse_links(outdir, REPORT_PATHS)
     for name in ("index.html", "model.html"):
         (outdir / name).unlink(missing_ok=True)
     for sub in ("images", "static", f"{ASSETS_DIR}/{CLASS_CAMS_DIR}"):

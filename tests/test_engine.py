@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -760,3 +761,37 @@ def test_damaged_or_foreign_run_json_refuses_the_run(
         assert not (out / "results.jsonl").exists()  # nothing was written
         forced = run(model, [str(photos)], out, RunOptions(device="cpu", force=True))
         assert forced.failed == 0 and forced.ok > 0
+
+
+def test_links_in_outdir_are_refused(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """Symbolic links planted where convlens writes or deletes inside OUTDIR are never
+    followed: one line, exit 2, and the files outside are untouched (issue 14.1)."""
+    from click.testing import CliRunner
+
+    from convlens.cli import main
+
+    model, photos = demo_model
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.html").write_text("mine")
+    (outside / "keep.json").write_text("{}")
+    (outside / ".x.tmp").write_text("mine too")
+    victim = tmp_path / "victim.jsonl"
+    victim.write_bytes(b'{"a": 1}\n{"half')
+    base = tmp_path / "out"
+    args = [str(model), str(photos / "grass"), "--device", "cpu", "-q"]
+    assert _cli_run(*args, "-o", str(base)).returncode == 0
+    for name, target in (("images", outside), ("shards", outside), ("results.jsonl", victim)):
+        out = tmp_path / f"out_{name.replace('.', '_')}"
+        shutil.copytree(base, out, symlinks=True)
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        p.symlink_to(target)
+        r = _cli_run(*args, "-o", str(out))
+        assert r.returncode == 2 and "is a symbolic link" in r.stderr, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+        rep = CliRunner().invoke(main, ["report", str(out)])
+        if name == "images":
+            assert rep.exit_code == 2 and "is a symbolic link" in rep.output
+    assert sorted(p.name for p in outside.iterdir()) == [".x.tmp", "keep.html", "keep.json"]
+    assert victim.read_bytes() == b'{"a": 1}\n{"half'
