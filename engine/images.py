@@ -19,7 +19,9 @@ Three steps, each usable on its own:
 
 OpenCV 5.0 behaviour this module relies on (checked by ``tests/test_images.py``):
 
-* ``IMREAD_COLOR_RGB | IMREAD_ANYDEPTH`` returns 3-channel RGB directly (grayscale is
+* ``IMREAD_COLOR_RGB | IMREAD_ANYDEPTH`` returns 3-channel RGB directly (except for
+  16-bit RGB TIFF, where it returns stale memory: deeper-than-8-bit colour images are
+  decoded again through the BGR path) (grayscale is
   replicated, alpha is dropped, palettes are expanded), keeps 16-bit and float depth and
   applies the EXIF orientation for JPEG, PNG (``eXIf``), WebP and TIFF exactly like
   ``PIL.ImageOps.exif_transpose``.  ``IMREAD_UNCHANGED`` would *not* apply the orientation.
@@ -135,8 +137,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     elif header is not None and header.format == "PNG" and data.rfind(b"IEND") < 0:
         raise ImageError("truncated or corrupt image data (PNG has no IEND chunk)")
 
+    buf = np.frombuffer(data, np.uint8)
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE_FLAGS)
+        img = cv2.imdecode(buf, _DECODE_FLAGS)
+        if img is not None and img.dtype != np.uint8 and img.ndim == 3:
+            # OpenCV 5: IMREAD_COLOR_RGB | IMREAD_ANYDEPTH returns stale memory (another
+            # image's pixels) for 16-bit RGB TIFF; the BGR path decodes it correctly
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+            img = None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     except cv2.error:  # some codecs raise instead of returning None
         img = None
     if img is None:

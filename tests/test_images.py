@@ -616,3 +616,33 @@ def test_tiff_bomb_with_unsorted_tags_is_refused(tmp_path: Path) -> None:
     p.write_bytes(data)
     with pytest.raises(ImageError, match="too large"):
         read_image(p)
+
+
+@pytest.mark.parametrize("ext", [".png", ".tiff"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_every_depth_and_channel_count_decodes_its_own_pixels(
+    ext: str, dtype: type, channels: int
+) -> None:
+    """Each container x bit depth x channel count against the very array encoded, with a
+    different image decoded just before (OpenCV 5 returned the previous image's pixels
+    for 16-bit RGB TIFF: issue 14.2)."""
+    rng = np.random.default_rng(channels * 7 + (dtype == np.uint16))
+    top = 255 if dtype == np.uint8 else 65535
+    shape = (37, 53) if channels == 1 else (37, 53, channels)
+    src = rng.integers(0, top + 1, size=shape).astype(dtype)
+    other = np.full_like(src, top // 3)
+    ok1, enc = cv2.imencode(ext, src)
+    ok2, enc_other = cv2.imencode(ext, other)
+    assert ok1 and ok2
+    decode_image(enc_other.tobytes())  # leaves its pixels in the decoder's memory
+    got = decode_image(enc.tobytes())
+    if dtype == np.uint16:
+        src8 = np.round(src.astype(np.float64) / 257.0).astype(np.uint8)
+    else:
+        src8 = src
+    if channels == 1:
+        want = np.repeat(src8[:, :, None], 3, axis=2)
+    else:
+        want = src8[:, :, 2::-1]  # OpenCV stores BGR(A); the engine gives RGB, alpha dropped
+    np.testing.assert_array_equal(got, want)
