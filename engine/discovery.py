@@ -3,6 +3,7 @@ problem for every input that yields nothing."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from collections.abc import Sequence
@@ -30,6 +31,28 @@ def is_image_name(path: str | os.PathLike[str]) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
+def is_outdir(path: str) -> bool:
+    """A convlens run directory (anyone's): the engine's lock beside its shards folder
+    (a run that has just started), or a run.json beside a results.jsonl.  Discovery
+    never walks into one: its thumbnails and heatmaps are not inputs.  (A ``.lock``
+    alone is not enough: other tools, pytest among them, leave one too.)"""
+
+    def has(name: str) -> bool:
+        return os.path.exists(os.path.join(path, name))
+
+    return (has(".lock") and has("shards")) or (has("run.json") and has("results.jsonl"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _inside_outdir(path: str) -> bool:
+    """``path`` is, or lies inside, a run directory."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and is_outdir(path):
+        return True
+    parent = os.path.dirname(path)
+    return parent != path and _inside_outdir(parent)
+
+
 def _walk(root: str) -> tuple[list[str], int]:
     """Image files under ``root`` (recursive, hidden entries skipped, symlinked
     directories followed once), sorted by relative path; plus the number of non-image
@@ -43,7 +66,9 @@ def _walk(root: str) -> tuple[list[str], int]:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # deterministic
+        dirnames[:] = sorted(  # deterministic; run directories are never inputs
+            d for d in dirnames if not d.startswith(".") and not is_outdir(os.path.join(dirpath, d))
+        )
         rel_dir = os.path.relpath(dirpath, root)
         rel_parts: tuple[str, ...] = () if rel_dir == "." else tuple(Path(rel_dir).parts)
         for name in filenames:
@@ -91,6 +116,9 @@ def discover(inputs: Sequence[str]) -> Discovery:
             out.files.append(Path(key))
 
     def add_dir(raw: str, path: str) -> None:
+        if is_outdir(path):
+            out.problems.append((raw, "a convlens run directory (OUTDIR), not an input"))
+            return
         files, others = _walk(path)
         if not files:
             extra = f" ({others} other file{'s' if others != 1 else ''})" if others else ""
@@ -112,6 +140,8 @@ def discover(inputs: Sequence[str]) -> Discovery:
             n_images = 0
             walked: list[str] = []  # "dir/**" also matches every subdirectory: walk once
             for m in matches:
+                if _inside_outdir(m):
+                    continue
                 if os.path.isdir(m):
                     if any(m.startswith(w) for w in walked):
                         continue

@@ -795,3 +795,28 @@ def test_links_in_outdir_are_refused(demo_model: tuple[Path, Path], tmp_path: Pa
             assert rep.exit_code == 2 and "is a symbolic link" in rep.output
     assert sorted(p.name for p in outside.iterdir()) == [".x.tmp", "keep.html", "keep.json"]
     assert victim.read_bytes() == b'{"a": 1}\n{"half'
+
+
+def test_outdir_inside_an_input_directory_is_never_walked(
+    demo_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`convlens run M photos -o photos/report`, run again and again, and a glob over the
+    photos: the report's own thumbnails and heatmaps never become inputs (issue 14.3)."""
+    model, photos = demo_model
+    inp = tmp_path / "photos"
+    shutil.copytree(photos / "grass", inp)
+    n = len(list(inp.glob("*.jpg")))
+    out = inp / "report"
+    for _ in range(3):
+        assert (
+            _cli_run(str(model), str(inp), "-o", str(out), "--device", "cpu", "-q").returncode == 0
+        )
+    assert len(_records(out)) == n
+    r = _cli_run(str(model), str(inp / "**" / "*.jpg"), "-o", str(tmp_path / "g"), "-q")
+    assert r.returncode == 0 and len(_records(tmp_path / "g")) == n
+    # another run's OUTDIR given as an input is named, not walked
+    r = _cli_run(str(model), str(out), "-o", str(tmp_path / "h"), "--device", "cpu", "-q")
+    assert r.returncode == 1
+    assert [x["error"] for x in _records(tmp_path / "h")] == [
+        "a convlens run directory (OUTDIR), not an input"
+    ]
