@@ -191,7 +191,8 @@ def export_loaded(
     )
     atomic_write_bytes(parity_path, json.dumps(parity, indent=2, sort_keys=True).encode())
     if not parity["passed"]:
-        bad = max(parity["outputs"].items(), key=lambda kv: kv[1]["score"])
+        failed = {n: parity["outputs"][n] for n in parity["failed"]}
+        bad = max(failed.items(), key=lambda kv: kv[1]["score"])
         noise = bad[1].get("reference_noise", 0.0)
         raise ExportError(
             f"parity check failed: output {bad[0]} differs from Keras by {bad[1]['max_abs']:.3g} "
