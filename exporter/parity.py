@@ -194,8 +194,9 @@ def reference_noise(
     ref: dict[str, np.ndarray],
     with_grads: bool,
 ) -> dict[str, float]:
-    """How much TensorFlow disagrees with itself: every output of the same function
-    computed image by image instead of as one batch, scored like the parity.  A model
+    """How much TensorFlow disagrees with itself, scored like the parity: every output
+    of the same function computed image by image instead of as one batch, and on inputs
+    moved by one part in a million (the larger of the two).  A model
     whose float32 rounding is amplified without bound (a very deep network with random
     or untrained weights: one pixel changed by 1e-3 moves its activations by 90 %)
     cannot be matched by any runtime more closely than this."""
@@ -207,15 +208,29 @@ def reference_noise(
         for n, o in zip(names, outs, strict=True):
             parts[n].append(np.asarray(o))
     single = {n: np.concatenate(v) for n, v in parts.items()}
+    # and the inputs moved by one part in a million, about what float32 rounding does
+    rng = np.random.default_rng(0)
+    moved = images * (1 + 1e-6 * rng.choice([-1.0, 1.0], size=images.shape)).astype(np.float32)
+    outs = fn(tf.constant(moved), tf.constant(targets)) if with_grads else fn(tf.constant(moved))
+    nudged = {n: np.asarray(o) for n, o in zip(names, outs, strict=True)}
+    noise_single = _noise(plan, names, ref, single)
+    noise_nudged = _noise(plan, names, ref, nudged)
+    return {n: max(noise_single[n], noise_nudged[n]) for n in names}
+
+
+def _noise(
+    plan: Plan, names: list[str], ref: dict[str, np.ndarray], other: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Each output of ``other`` against ``ref``, scored like the parity."""
     cam_act = C.ACT_PREFIX + plan.cam_layer
     noise = {}
     for n in names:
         if n == C.OUT_TARGET_INDICES:
-            noise[n] = 0.0 if np.array_equal(ref[n], single[n]) else 1.0
+            noise[n] = 0.0 if np.array_equal(ref[n], other[n]) else 1.0
         elif n == C.OUT_GRADIENTS:
-            noise[n] = gradient_diff(ref[n], single[n], ref[cam_act], single[cam_act])["score"]
+            noise[n] = gradient_diff(ref[n], other[n], ref[cam_act], other[cam_act])["score"]
         else:
-            noise[n] = _diff(ref[n], single[n])["score"]
+            noise[n] = _diff(ref[n], other[n])["score"]
     return noise
 
 
