@@ -69,9 +69,10 @@ class ExportResult:
         if p.get("noisy"):
             out.append(
                 f"parity of {', '.join(p['noisy'][:3])}{' ...' if len(p['noisy']) > 3 else ''} "
-                f"judged against the model's own noise: TensorFlow itself differs by up to "
-                f"{p['noise']:.2g} between one batch and image by image (float32 rounding "
-                "amplified through the network: random or untrained weights?)"
+                f"judged against the model's own noise: TensorFlow itself moves by up to "
+                f"{p['noise']:.2g} between a batch and single images, or with the inputs moved "
+                "by 1e-6 (float32 rounding amplified through the network: random or "
+                "untrained weights?)"
             )
         return out
 
