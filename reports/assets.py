@@ -165,6 +165,24 @@ REPORT_PATHS = (
 )
 
 
+def clean_temporaries(outdir: Path) -> int:
+    """Remove the temporaries of atomic writes a killed run left in the report's own
+    folders (``.<name>.<pid>.<n>.tmp``, the only temporary names the project makes);
+    returns how many."""
+    refuse_links(outdir, REPORT_PATHS)
+    root = Path(outdir)
+    n = 0
+    patterns: tuple[str, ...] = ("images/.*.tmp", "static/.*.tmp", f"{ASSETS_DIR}/.*.tmp")
+    patterns += tuple(f"{ASSETS_DIR}/{d}/.*.tmp" for d in (THUMBS_DIR, CLASS_CAMS_DIR))
+    patterns += tuple(f"{ASSETS_DIR}/{d}/*/.*.tmp" for d in (CAMS_DIR, GRIDS_DIR))
+    for pattern in patterns:
+        for tmp in root.glob(pattern):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
 def clean_assets(outdir: Path) -> None:
     """Remove what the sink wrote (only the names it makes): assets/{thumbs,cams,grids,
     class_cams} and assets.json."""
@@ -213,6 +231,7 @@ class ReportAssetSink:
     # -- ResultSink --------------------------------------------------------------
     def open(self, outdir: Path, spec: ModelSpec, settings: dict[str, Any]) -> None:
         refuse_links(outdir, REPORT_PATHS)
+        clean_temporaries(Path(outdir))
         if settings.get("force"):  # --force: the report starts over, like the engine
             clean_assets(Path(outdir))
         root = Path(outdir) / ASSETS_DIR

@@ -24,6 +24,7 @@ from .assets import (
     CLASS_CAMS_DIR,
     LOW_CONFIDENCE,
     REPORT_PATHS,
+    clean_temporaries,
 )
 from .data import (
     AssetIndex,
@@ -116,6 +117,7 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
     if page_size < 1:
         raise ValueError("page_size must be >= 1")
     refuse_links(outdir, REPORT_PATHS)
+    clean_temporaries(outdir)
     notes: list[str] = []
     run = read_run(outdir, notes)
     results = read_results(outdir / RESULTS, run.class_names)

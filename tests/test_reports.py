@@ -749,3 +749,24 @@ def test_damaged_files_are_named_on_every_page(fake: FakeRun, tmp_path: Path) ->
         assert "class_cams.npz could not be read" in text, page
     clean = " ".join(_audit(fake.outdir / "index.html").text)
     assert "could not be read" not in clean
+
+
+def test_temporaries_of_a_killed_run_are_removed(fake: FakeRun, tmp_path: Path) -> None:
+    """Temporaries an interrupted report left (only the names the project's atomic writer
+    makes) are removed on the next rendering; other files stay (issue 14.13)."""
+    out = tmp_path / "killed"
+    shutil.copytree(fake.outdir, out)
+    rid = fake.ok_records[0]["id"]
+    planted = [
+        out / "images" / f".{rid}.html.123.4.tmp",
+        out / "assets" / "thumbs" / f".{rid}.jpg.123.5.tmp",
+        out / "assets" / "cams" / rid / ".gradcam_0.png.123.6.tmp",
+        out / "static" / ".report.css.123.7.tmp",
+    ]
+    for p in planted:
+        p.write_bytes(b"partial")
+    mine = out / "assets" / "thumbs" / "notes.tmp"
+    mine.write_text("not ours")
+    render_report(out, page_size=PAGE_SIZE)
+    assert not any(p.exists() for p in planted)
+    assert mine.read_text() == "not ours"
