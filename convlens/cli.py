@@ -21,10 +21,14 @@ EXIT_INPUT_FAILED = 1
 EXIT_ERROR = 2
 
 
-def printable(text: str) -> str:
-    """Control characters (from layer names, paths) shown escaped, never sent raw."""
+def printable(text: str, lines: bool = True) -> str:
+    """Control characters (from layer names, paths) shown escaped, never sent raw; with
+    ``lines=False`` newlines too, so that one message is one line (a file name holding
+    a newline cannot forge a summary line).  Non-UTF-8 names show as U+FFFD."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return "".join(
-        c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode() for c in text
+        c if c.isprintable() or (lines and c == "\n") else c.encode("unicode_escape").decode()
+        for c in text
     )
 
 
@@ -49,13 +53,14 @@ def one_line_errors(fn: F) -> F:
             raise
         except known as exc:
             msg = str(exc).strip().splitlines()
-            click.echo(f"convlens: error: {msg[0] if msg else type(exc).__name__}", err=True)
+            line = msg[0] if msg else type(exc).__name__
+            click.echo(f"convlens: error: {printable(line, False)}", err=True)
             sys.exit(EXIT_ERROR)
         except Exception as exc:  # a bug or a library failure: still one line, exit 2
             if os.environ.get("CONVLENS_DEBUG"):
                 raise
             msg = str(exc).strip().splitlines()
-            first = msg[0][:300] if msg else ""
+            first = printable(msg[0][:300], False) if msg else ""
             click.echo(
                 f"convlens: error: {type(exc).__name__}: {first} "
                 "(set CONVLENS_DEBUG=1 for the traceback)",
@@ -143,7 +148,7 @@ def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw
     options = RunOptions(**{k: v for k, v in kw.items() if k in fields})
     options.cam_methods = options.cam_methods or None  # none given: all the model supports
     quiet = kw["quiet"]
-    warn = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    warn = (lambda m: None) if quiet else (lambda m: click.echo(printable(m, False), err=True))
     result = analyze(
         model,
         list(inputs),

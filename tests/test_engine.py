@@ -820,3 +820,24 @@ def test_outdir_inside_an_input_directory_is_never_walked(
     assert [x["error"] for x in _records(tmp_path / "h")] == [
         "a convlens run directory (OUTDIR), not an input"
     ]
+
+
+def test_hostile_file_names_are_one_escaped_line(
+    demo_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A bad input whose name holds a newline and a terminal escape: stderr gets one
+    escaped line for it, so it can neither forge a summary line nor reach the terminal
+    raw (issue 14.18)."""
+    model, photos = demo_model
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(next((photos / "grass").glob("*.jpg")), inp / "fine.jpg")
+    evil = "x\n99 ok, 0 failed \x1b[31mred.jpg"
+    (inp / evil).write_bytes(b"not an image")
+    r = _cli_run(str(model), str(inp), "-o", str(tmp_path / "o"), "--device", "cpu")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert "\x1b" not in r.stderr
+    assert not any(line.startswith("99 ok") for line in lines)
+    bad = [line for line in lines if "red.jpg" in line]
+    assert len(bad) == 1 and "\\n99 ok" in bad[0] and "\\x1b[31m" in bad[0]
