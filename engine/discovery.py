@@ -3,7 +3,6 @@ problem for every input that yields nothing."""
 
 from __future__ import annotations
 
-import functools
 import glob
 import os
 from collections.abc import Sequence
@@ -43,14 +42,16 @@ def is_outdir(path: str) -> bool:
     return (has(".lock") and has("shards")) or (has("run.json") and has("results.jsonl"))
 
 
-@functools.lru_cache(maxsize=4096)
-def _inside_outdir(path: str) -> bool:
-    """``path`` is, or lies inside, a run directory."""
+def _inside_outdir(path: str, known: dict[str, bool]) -> bool:
+    """``path`` is, or lies inside, a run directory; ``known`` caches the answers for
+    one discovery (a folder may become a run directory between two calls)."""
     path = os.path.abspath(path)
-    if os.path.isdir(path) and is_outdir(path):
-        return True
-    parent = os.path.dirname(path)
-    return parent != path and _inside_outdir(parent)
+    if path not in known:
+        parent = os.path.dirname(path)
+        known[path] = (os.path.isdir(path) and is_outdir(path)) or (
+            parent != path and _inside_outdir(parent, known)
+        )
+    return known[path]
 
 
 def _walk(root: str) -> tuple[list[str], int]:
@@ -108,6 +109,7 @@ def discover(inputs: Sequence[str]) -> Discovery:
     """
     out = Discovery()
     seen: set[str] = set()
+    known: dict[str, bool] = {}  # folder -> inside a run directory, for this call
 
     def add(path: str) -> None:
         key = os.path.abspath(path)
@@ -140,7 +142,7 @@ def discover(inputs: Sequence[str]) -> Discovery:
             n_images = 0
             walked: list[str] = []  # "dir/**" also matches every subdirectory: walk once
             for m in matches:
-                if _inside_outdir(m):
+                if _inside_outdir(m, known):
                     continue
                 if os.path.isdir(m):
                     if any(m.startswith(w) for w in walked):
