@@ -1,10 +1,7 @@
-"""results.jsonl and the other files of a run directory, written so a killed run resumes.
-
-- Records are appended one ``os.write`` per line (O_APPEND); a line cut by a kill is
-  dropped (and truncated away) when the log is opened again.
-- Every other file is written under a temporary name in the same directory, fsynced,
-  then renamed over the final name (:func:`atomic_write_bytes`).
-"""
+"""Writing inside a run directory so that a killed run resumes: the project's one atomic
+writer (a temporary name in the same directory, fsynced, renamed over the final name),
+the refusal of planted links, and input ids.  results.jsonl itself is
+:mod:`convlens.engine.outdir`."""
 
 from __future__ import annotations
 
@@ -14,12 +11,11 @@ import io
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-RESULTS = "results.jsonl"
 
 
 class LinkInOutdir(OSError):
@@ -48,8 +44,10 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 _serial = itertools.count()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
-    """Write ``data`` to a dot-prefixed temporary name next to ``path``, then
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes | Sequence[bytes], *, durable: bool = True
+) -> None:
+    """Write ``data`` (bytes, or a sequence of chunks written one after another) to a dot-prefixed temporary name next to ``path``, then
     ``os.replace`` it: readers see the old file or the new one, never a part.  The one
     atomic writer of the project (engine and report alike).
 
@@ -64,9 +62,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
     try:
         fd = os.open(tmp, _WRITE_FLAGS, 0o666)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for chunk in [data] if isinstance(data, bytes) else data:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
             if durable:
                 os.fsync(fd)
         finally:
@@ -86,61 +85,3 @@ def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
     atomic_write_bytes(path, buf.getvalue())
-
-
-def read_records(path: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """All complete records of a results.jsonl (a trailing partial line is ignored;
-    with ``repair`` it is also truncated away so appends start on a fresh line)."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if repair and end != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    records = []
-    for line in data[:end].splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            continue  # a line torn by a crash in an earlier version; recomputed
-    return records
-
-
-class ResultsLog:
-    """Append-only results.jsonl."""
-
-    def __init__(self, outdir: Path):
-        self.path = outdir / RESULTS
-        self._fd: int | None = None
-
-    def load(self) -> list[dict[str, Any]]:
-        return read_records(self.path, repair=True)
-
-    def rewrite(self, records: list[dict[str, Any]]) -> None:
-        data = b"".join(_line(r) for r in records)
-        atomic_write_bytes(self.path, data)
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        for r in records:
-            os.write(self._fd, _line(r))
-
-    def sync(self) -> None:
-        if self._fd is not None:
-            os.fsync(self._fd)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-
-
-def _line(record: dict[str, Any]) -> bytes:
-    # ASCII JSON: a file name that is not valid UTF-8 (surrogate-escaped by Python)
-    # round-trips as \udcXX escapes instead of writing invalid UTF-8 bytes
-    return (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")

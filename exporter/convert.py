@@ -41,6 +41,7 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
             opset=OPSET,
             tensors_to_rename={f"{s.name}:0": s.name for s in sig},
         )
+        del graph_def
     except Exception as exc:
         msg = str(exc).strip().splitlines()
         raise ExportError(
@@ -82,14 +83,81 @@ HELD_OUT_ELEMENTS = 1 << 16  # weights this large bypass tf2onnx (64K floats, 25
 def _frozen_graph_def(
     tf: Any, concrete: Any
 ) -> tuple[Any, list[str], list[str], dict[str, np.ndarray]]:
-    """The concrete function frozen to a GraphDef, with its largest constants (VGG's
-    fully connected kernels) held out as placeholders.
+    """The concrete function's GraphDef with its variables' values put in, each once.
 
-    tf2onnx copies every constant many times over while it optimises (a 200 MB VGG16
-    took 10 GB); a held-out weight is one numpy array, put back as an initializer
-    after conversion.  Only constants that feed no transposition are large enough in
-    practice: dense kernels, which MatMul reads as they are.
+    Each variable's ReadVariableOp becomes a Const (small weights, which tf2onnx folds
+    into the ops that use them) or a Placeholder held out of tf2onnx (weights of 64K
+    values or more, which tf2onnx would copy many times over while it optimises; a
+    200 MB VGG16 took 10 GB).  A held-out weight is the variable's own buffer, put
+    back as one initializer after conversion.  Reading the values straight from the
+    variables, rather than through TensorFlow's ``convert_variables_to_constants_v2``,
+    keeps freezing from holding several copies of the weights (ConvNeXtTiny's 106 MB
+    took 1 GB more); graphs that use variables in other ways still go through it.
     """
+    from tensorflow.python.ops import gen_resource_variable_ops
+
+    graph_def = concrete.graph.as_graph_def(add_shapes=True)
+    explicit = len(concrete.inputs) - len(concrete.captured_inputs)
+    handles = {
+        inner.name.split(":")[0]: outer
+        for inner, outer in zip(concrete.inputs[explicit:], concrete.captured_inputs, strict=True)
+        if outer.dtype == tf.resource
+    }
+    reads = [n for n in graph_def.node if n.op == "ReadVariableOp"]
+    others = [
+        n
+        for n in graph_def.node
+        if n.op != "ReadVariableOp" and any(i.lstrip("^").split(":")[0] in handles for i in n.input)
+    ]
+    if others or graph_def.library.function or any(n.input[0] not in handles for n in reads):
+        return _converted_graph_def(tf, concrete)
+    first: dict[str, str] = {}  # variable handle -> the read kept
+    alias: dict[str, str] = {}  # a second read of the same variable -> the first
+    held: dict[str, np.ndarray] = {}
+    for node in reads:
+        handle = node.input[0]
+        if handle in first:
+            alias[node.name] = first[handle]
+            continue
+        first[handle] = node.name
+        dtype = node.attr["dtype"].type
+        value = gen_resource_variable_ops.read_variable_op(
+            handles[handle], tf.dtypes.as_dtype(dtype)
+        ).numpy()
+        shapes = tf.compat.v1.AttrValue()
+        if "_output_shapes" in node.attr:
+            shapes.CopyFrom(node.attr["_output_shapes"])
+        del node.input[:]
+        node.attr.clear()
+        node.attr["dtype"].type = dtype
+        if value.size >= HELD_OUT_ELEMENTS:
+            node.op = "Placeholder"
+            held[f"{node.name}:0"] = value
+            node.attr["shape"].shape.CopyFrom(tf.TensorShape(value.shape).as_proto())
+        else:
+            node.op = "Const"
+            node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+        if shapes.ListFields():
+            node.attr["_output_shapes"].CopyFrom(shapes)
+    keep = [n for n in graph_def.node if n.name not in alias and n.name not in handles]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            ctrl = name.startswith("^")
+            base, _, port = name.lstrip("^").partition(":")
+            if base in alias:
+                node.input[i] = ("^" if ctrl else "") + alias[base] + (f":{port}" if port else "")
+    del graph_def.node[:]
+    graph_def.node.extend(keep)
+    inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
+    outputs = [t.name for t in concrete.outputs]
+    return graph_def, inputs, outputs, held
+
+
+def _converted_graph_def(
+    tf: Any, concrete: Any
+) -> tuple[Any, list[str], list[str], dict[str, np.ndarray]]:
+    """:func:`_frozen_graph_def` through TensorFlow's own freezing, for graphs that
+    use their variables other than by plain reads (nested functions)."""
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
@@ -110,10 +178,7 @@ def _frozen_graph_def(
         node.op = "Placeholder"
         node.attr.clear()
         node.attr["dtype"].type = dtype
-        node.attr["shape"].shape.CopyFrom(
-            tf.TensorShape(dims).as_proto()  # static shape, for tf2onnx's shape inference
-        )
-    # the image, the targets, and eager tensors the function captured (folded later)
+        node.attr["shape"].shape.CopyFrom(tf.TensorShape(dims).as_proto())
     inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
     outputs = [t.name for t in concrete.outputs]
     return graph_def, inputs, outputs, held
@@ -158,9 +223,13 @@ def fold_weight_layouts(model_proto: Any) -> int:
             else:
                 y = x
             new = numpy_helper.from_array(y.astype(x.dtype, copy=False), node.output[0])
+            del x, y
             graph.initializer.append(new)
             inits[new.name] = new
             graph.node.remove(node)
+            for name in node.input:  # an initializer nothing else reads goes now, not
+                if name and name in inits and not _read(graph, name):  # at the end
+                    graph.initializer.remove(inits.pop(name))
             folded += 1
             changed = True
     used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
@@ -171,12 +240,20 @@ def fold_weight_layouts(model_proto: Any) -> int:
     return folded
 
 
+def _read(graph: Any, name: str) -> bool:
+    return any(name in node.input for node in graph.node) or any(
+        o.name == name for o in graph.output
+    )
+
+
 def fold_captured_inputs(
     model_proto: Any, concrete: Any, held: dict[str, np.ndarray] | None = None
 ) -> None:
     """Make every graph input other than the image and targets an initializer.
 
-    ``held`` are the weights :func:`_frozen_graph_def` kept away from tf2onnx.  tf2onnx turns tensors a tf.function captured from eager code (a Normalization
+    ``held`` are the weights :func:`_frozen_graph_def` kept away from tf2onnx; each
+    leaves the dict as it becomes an initializer, so that only one copy is ever held.
+    tf2onnx turns tensors a tf.function captured from eager code (a Normalization
     layer's mean and variance) into extra graph inputs that nobody can feed; their
     values are the concrete function's captured inputs.  Anything else left over is
     named, with the layer it belongs to.
@@ -189,7 +266,7 @@ def fold_captured_inputs(
     if not extra:
         return
     explicit = len(concrete.inputs) - len(concrete.captured_inputs)
-    values: dict[str, np.ndarray] = dict(held or {})
+    values: dict[str, np.ndarray] = held if held is not None else {}
     for inner, outer in zip(concrete.inputs[explicit:], concrete.captured_inputs, strict=True):
         if outer.dtype.name == "resource":
             continue
@@ -208,6 +285,8 @@ def fold_captured_inputs(
             continue
         graph.initializer.append(numpy_helper.from_array(value, vi.name))
         graph.input.remove(vi)
+        values.pop(vi.name, None)  # the initializer is now the only copy we hold
+        del value
     if leaked:
         raise ExportError(
             "the converted graph needs inputs other than the image: " + "; ".join(leaked)

@@ -180,7 +180,15 @@ def export_loaded(
         found = recognise(model)
         spec.source["family"] = found[0].name if found else None
         images, source = parity_inputs(calibration, inp, pre, n_calibration, seed)
-        parity = check_parity(tf, model, recorder, plan, fn, proto, images, with_grads, tolerance)
+        # serialized once: the parity session reads these bytes and they are the file
+        # (the metadata, which holds the parity, is appended as a second message)
+        proto.producer_name, proto.producer_version = "convlens", __version__
+        del proto.metadata_props[:]
+        model_bytes = proto.SerializeToString()
+        del proto
+        parity = check_parity(
+            tf, model, recorder, plan, fn, model_bytes, images, with_grads, tolerance
+        )
     finally:
         recorder.restore()
     parity.update(source=source, tolerance=tolerance)
@@ -200,8 +208,7 @@ def export_loaded(
             f"(relative {bad[1]['score']:.3g} > tolerance {tolerance:g}, TensorFlow's own "
             f"noise {noise:.2g}); details in {parity_path}"
         )
-    _set_metadata(proto, spec)
-    atomic_write_bytes(out, proto.SerializeToString())
+    atomic_write_bytes(out, [model_bytes, _metadata_bytes(spec)])
     return ExportResult(
         path=out,
         parity_path=parity_path,
@@ -364,16 +371,20 @@ def _spec(
     )
 
 
-def _set_metadata(proto: Any, spec: C.ModelSpec) -> None:
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key = C.METADATA_KEY
-    entry.value = spec.to_json()
-    entry = proto.metadata_props.add()
-    entry.key = "convlens.format_version"
-    entry.value = str(C.FORMAT_VERSION)
-    proto.producer_name = "convlens"
-    proto.producer_version = __version__
+def _metadata_bytes(spec: C.ModelSpec) -> bytes:
+    """The spec as a serialized ModelProto holding only ``metadata_props``: appended to
+    a serialized model, protobuf merges it in (a repeated field's entries append), so
+    the model itself is never serialized twice."""
+    import onnx
+
+    meta = onnx.ModelProto()
+    for key, value in ((C.METADATA_KEY, spec.to_json()), (FORMAT_KEY, str(C.FORMAT_VERSION))):
+        entry = meta.metadata_props.add()
+        entry.key, entry.value = key, value
+    return meta.SerializeToString()
+
+
+FORMAT_KEY = "convlens.format_version"
 
 
 __all__ = ["ExportResult", "export_loaded", "export_model", "export_plain"]

@@ -279,15 +279,19 @@ class Recorder:
                 out = rewrite(recorder._rewrite, layer, args[0])
             if out is None:
                 out = original(*args, **kwargs)
-            hook = recorder._hooks.get(name)
+            active = recorder._active
+            # a layer called more than once (a shared layer): each call its own name
+            seen = 0 if active is None else sum(1 for c in active.calls if c.layer is layer)
+            call_name = name if not seen else f"{name}_call{seen + 1}"
+            hook = recorder._hooks.get(call_name)
             if hook is not None:
                 out = hook(out)
-            if recorder._active is not None:
+            if active is not None:
                 arrays, named = recorder.weights[name]
-                recorder._active.calls.append(
+                active.calls.append(
                     Call(
                         layer=layer,
-                        name=name,
+                        name=call_name,
                         kind=kind,
                         inputs=args[0] if args else None,
                         output=out,

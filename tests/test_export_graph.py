@@ -220,3 +220,73 @@ def test_parity_catches_a_wrong_export(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(E, "convert", real)
     ok = E.export_loaded(model, tmp_path / "r.onnx")
     assert ok.spec.parity["passed"] and not ok.spec.parity["noisy"]
+
+
+def test_weights_enter_the_graph_once_and_nested_functions_still_freeze(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared convolution read twice is held out of tf2onnx once (the variable's
+    values, not a frozen copy per read); a layer whose variables go through a nested
+    tf.function takes TensorFlow's own freezing.  Both exports equal Keras."""
+    require_tf()
+    import keras
+    import tensorflow as tf
+    from keras import layers
+
+    from convlens.exporter import convert
+    from convlens.exporter.export import export_loaded
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12, 12, 3))
+    x = layers.Conv2D(64, 3, padding="same", activation="relu")(inp)
+    shared = layers.Conv2D(64, 3, padding="same", activation="relu", name="shared")
+    x = shared(shared(x))  # one 3x3x64x64 kernel (36,864 values), read twice
+    x = layers.Conv2D(128, 3, padding="same", name="big")(x)  # 73,728 values: held out
+    model = keras.Model(
+        inp, layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x))
+    )
+    seen: list[dict[str, np.ndarray]] = []
+    fast = convert._frozen_graph_def
+
+    def spy(tf_: Any, concrete: Any) -> Any:
+        out = fast(tf_, concrete)
+        graph_def, held = out[0], out[3]
+        reads = [n for n in graph_def.node if n.op == "ReadVariableOp"]
+        assert not reads, "every variable read became a constant or a held-out input"
+        seen.append(dict(held))
+        return out
+
+    monkeypatch.setattr(convert, "_frozen_graph_def", spy)
+    r = export_loaded(model, tmp_path / "shared.onnx")
+    kernel = model.get_layer("big").kernel.numpy()
+    assert len(seen) == 1 and len(seen[0]) == 1
+    np.testing.assert_array_equal(next(iter(seen[0].values())), kernel)
+    x = np.random.default_rng(0).uniform(0, 1, (2, 12, 12, 3)).astype(np.float32)
+    got = _ort(r.path, {C.IN_IMAGE: x, C.IN_TARGETS: np.full((2, 1), -1, np.int64)})
+    _close(model.predict(x, verbose=0), got[C.OUT_PREDICTIONS])
+
+    @tf.function
+    def scaled(v: Any, w: Any) -> Any:
+        return v * w
+
+    class Scale(layers.Layer):
+        def build(self, shape: Any) -> None:
+            self.w = self.add_weight(shape=(shape[-1],), initializer="random_uniform")
+
+        def call(self, v: Any) -> Any:
+            return scaled(v, self.w.value)  # the tf.Variable under the Keras one
+
+    inp = keras.Input((12, 12, 3))
+    x = layers.Conv2D(8, 3, activation="relu")(Scale()(inp))
+    nested = keras.Model(
+        inp, layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x))
+    )
+    fallbacks: list[int] = []
+    slow = convert._converted_graph_def
+    monkeypatch.setattr(convert, "_converted_graph_def", lambda *a: fallbacks.append(1) or slow(*a))
+    monkeypatch.setattr(convert, "_frozen_graph_def", fast)
+    r = export_loaded(nested, tmp_path / "nested.onnx")
+    assert fallbacks, "the nested function's variable took TensorFlow's freezing"
+    y = np.random.default_rng(1).uniform(0, 1, (2, 12, 12, 3)).astype(np.float32)
+    got = _ort(r.path, {C.IN_IMAGE: y, C.IN_TARGETS: np.full((2, 1), -1, np.int64)})
+    _close(nested.predict(y, verbose=0), got[C.OUT_PREDICTIONS])
