@@ -285,10 +285,11 @@ def run(model: Path, inputs: tuple[str, ...], outdir: Path, **kw: Any) -> None:
 @one_line_errors
 def report(outdir: Path) -> None:
     """Render the HTML report of a run directory again, with no inference."""
+    from convlens.engine.outdir import RESULTS
     from convlens.reports import render_report
 
-    if not (outdir / "results.jsonl").exists():
-        raise ValueError(f"{outdir}: not a convlens run directory (no results.jsonl)")
+    if not (outdir / RESULTS).exists():
+        raise ValueError(f"{outdir}: not a convlens run directory (no {RESULTS})")
     click.echo(f"report: {render_report(outdir)}", err=True)
 
 

@@ -11,12 +11,12 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
 from .images import ImageError, Preprocessor, read_image
+from .outdir import Record
 from .plan import RunPlan
 from .results import image_id
 
@@ -27,7 +27,7 @@ DISPLAY_MAX = 1024  # longest side of the original kept in memory for sinks
 class Decoded:
     index: int
     path: Path
-    record: dict[str, Any]
+    record: Record
     image: np.ndarray | None = None  # original RGB, shrunk for sinks
     tensor: np.ndarray | None = None  # preprocessed model input; None if it failed
 
@@ -78,23 +78,21 @@ class DecodePool:
 
     def decode(self, index: int, path: Path, roots: list[Path]) -> Decoded:
         plan = self.plan
-        rec: dict[str, Any] = {"id": image_id(path), "path": str(path)}
-        rec["relpath"] = relpath(path, roots)
+        rec = Record(id=image_id(path), path=str(path), relpath=relpath(path, roots))
         if plan.labels_from_dirs:
-            label = path.parent.name
+            rec.label = path.parent.name
             names = plan.spec.class_names
-            rec["label"] = label
-            rec["label_index"] = names.index(label) if label in names else None
+            rec.label_index = names.index(rec.label) if rec.label in names else None
         try:
             rgb = read_image(path, plan.max_pixels)
             tensor = self.pre(rgb)
         except ImageError as exc:
-            rec.update(status="error", error=str(exc))
+            rec.fail(str(exc))
             return Decoded(index, path, rec)
         except (MemoryError, ValueError, cv2.error) as exc:  # one input's failure, not the run's
-            rec.update(status="error", error=f"cannot process: {type(exc).__name__}: {exc}")
+            rec.fail(f"cannot process: {type(exc).__name__}: {exc}")
             return Decoded(index, path, rec)
-        rec.update(status="ok", error=None, height=int(rgb.shape[0]), width=int(rgb.shape[1]))
+        rec.height, rec.width = int(rgb.shape[0]), int(rgb.shape[1])
         shown = display_copy(rgb) if self.keep_images else None
         return Decoded(index, path, rec, shown, tensor)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .formats import IMAGE_EXTENSIONS
+from .outdir import LOCK, RESULTS, RUN_JSON, SHARDS
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -39,7 +40,7 @@ def is_outdir(path: str) -> bool:
     def has(name: str) -> bool:
         return os.path.exists(os.path.join(path, name))
 
-    return (has(".lock") and has("shards")) or (has("run.json") and has("results.jsonl"))
+    return (has(LOCK) and has(SHARDS)) or (has(RUN_JSON) and has(RESULTS))
 
 
 def _inside_outdir(path: str, known: dict[str, bool]) -> bool:

@@ -18,6 +18,7 @@ from . import contract as C
 from .cams import METHODS, normalize
 from .decode import Decoded
 from .graph import pruned, stat_names, with_stats
+from .outdir import Prediction
 from .plan import RunError, RunPlan
 from .results import atomic_save_npz
 from .runtime import DeviceError, Session, open_session
@@ -143,13 +144,13 @@ class Inference:
         plan = self.plan
         names = plan.spec.class_names
         rec = d.record
-        rec["predictions"] = [
-            {"index": int(c), "name": names[int(c)], "prob": round(float(probs[i, c]), 6)}
+        rec.predictions = [
+            Prediction(int(c), names[int(c)], round(float(probs[i, c]), 6))
             for c in order[i, : plan.top_k]
         ]
         cls = list(dict.fromkeys(int(c) for c in classes[i]))  # top-k may hold a --class
-        rec["cam_classes"] = cls
-        rec["cam_methods"] = list(plan.methods)
+        rec.cam_classes = cls
+        rec.cam_methods = list(plan.methods)
         per_image: dict[tuple[str, int], np.ndarray] = {}
         for m, arr in maps.items():
             if arr.shape[1] == 1 and METHODS[m].class_agnostic:
@@ -158,11 +159,10 @@ class Inference:
             else:
                 for t, c in enumerate(classes[i].tolist()):
                     per_image.setdefault((m, int(c)), arr[i, t])
-        rec["maps"] = None
         if plan.save_maps:
-            rel = f"maps/{rec['id']}.npz"
+            rel = f"maps/{rec.id}.npz"
             atomic_save_npz(self.outdir / rel, {f"{m}/{c}": v for (m, c), v in per_image.items()})
-            rec["maps"] = rel
+            rec.maps = rel
         return ImageOutcome(record=rec, image=d.image, maps=per_image)
 
     def _attach_activations(self, x: np.ndarray, results: list[ImageOutcome]) -> None:

@@ -29,8 +29,9 @@ from typing import Any
 from .decode import Decoded, DecodePool, input_roots
 from .images import discover
 from .infer import Inference
+from .outdir import Record, ResultsLog
 from .plan import RunError, RunOptions, RunPlan
-from .results import ResultsLog, image_id
+from .results import image_id
 from .rundir import RunDir, file_sha1
 from .sinks import ImageOutcome, ResultSink
 from .stats import ClassCAMs, RunStats
@@ -152,12 +153,13 @@ class Runner:
         problems = []
         for raw, reason in found.problems:
             path = os.path.abspath(raw)
-            rec = {"id": image_id(path), "path": path, "relpath": raw}
-            problems.append(rec | {"status": "error", "error": reason})
+            problem = Record(id=image_id(path), path=path, relpath=raw)
+            problem.fail(reason)
+            problems.append(problem)
             self.warn(f"{raw}: {reason}")
         if problems:
             log.append(problems)
-            done.update((p["id"], p) for p in problems)
+            done.update((p.id, p) for p in problems)
 
         todo = [f for f in found.files if image_id(f) not in done]
         settings = plan.settings(inputs)
@@ -179,7 +181,7 @@ class Runner:
         finally:
             log.close()
         records = ResultsLog(self.outdir).load()
-        ok = sum(1 for r in records if r.get("status") == "ok")
+        ok = sum(1 for r in records if r.ok)
         summary = RunSummary(
             outdir=self.outdir,
             total=len(records),
@@ -210,7 +212,7 @@ class Runner:
         ordered = []
         for d in batch:
             if d.tensor is None:
-                self.warn(f"{d.path}: {d.record['error']}")
+                self.warn(f"{d.path}: {d.record.error}")
                 ordered.append(ImageOutcome(record=d.record))
             else:
                 ordered.append(outcomes[d.index])
@@ -218,7 +220,7 @@ class Runner:
             s.on_batch(ordered)
         log.append([oc.record for oc in ordered])
         log.sync()
-        shard.ids.extend(d.record["id"] for d in good)
+        shard.ids.extend(d.record.id for d in good)
         shard.batches += 1
 
     def _flush(self, shard: _Shard) -> _Shard:

@@ -19,19 +19,24 @@ from pathlib import Path
 from typing import Any
 
 from . import contract as C
+from .outdir import (
+    CLASS_CAMS,
+    LOCK,
+    MAPS,
+    RESULTS,
+    RUN_JSON,
+    SHARDS,
+    STATS_JSON,
+    Record,
+    ResultsLog,
+)
 from .plan import RunError
-from .results import ResultsLog, atomic_save_npz, atomic_write_json, refuse_links
+from .results import atomic_save_npz, atomic_write_json, refuse_links
 from .stats import ClassCAMs, RunStats
 
 SCHEMA_VERSION = 1  # of run.json
-RUN_JSON = "run.json"
-STATS_JSON = "stats.json"
-CLASS_CAMS = "class_cams.npz"
-SHARDS = "shards"
-MAPS = "maps"
-LOCK = ".lock"
 # what --force removes: the engine's own files (sinks clean theirs: settings["force"])
-RUN_FILES = ("results.jsonl", RUN_JSON, STATS_JSON, CLASS_CAMS)
+RUN_FILES = (RESULTS, RUN_JSON, STATS_JSON, CLASS_CAMS)
 RUN_DIRS = (MAPS, SHARDS)
 TEMPORARIES = (f"{SHARDS}/.*.tmp", f"{MAPS}/.*.npz.*.tmp")
 OWN = (*RUN_FILES, *RUN_DIRS, LOCK)  # never symbolic links (refuse_links)
@@ -107,7 +112,7 @@ class RunDir:
                 f"({', '.join(changed)} differ); use --force to recompute, or another -o"
             )
 
-    def resume(self, log: ResultsLog) -> dict[str, dict[str, Any]]:
+    def resume(self, log: ResultsLog) -> dict[str, Record]:
         """Done records by id.  Ok records no complete shard covers are dropped (they are
         recomputed), and so are error records: a failed input is tried again."""
         records = log.load()
@@ -122,14 +127,13 @@ class RunDir:
                 tmp.unlink(missing_ok=True)
         keep, seen = [], set()
         for r in records:
-            rid = r.get("id")
-            if rid in seen or r.get("status") != "ok" or rid not in covered:
+            if r.id in seen or not r.ok or r.id not in covered:
                 continue
-            seen.add(rid)
+            seen.add(r.id)
             keep.append(r)
         if len(keep) != len(records):
             log.rewrite(keep)
-        return {r["id"]: r for r in keep}
+        return {r.id: r for r in keep}
 
     def _drop_shard(self, meta: Path) -> None:
         stem = meta.name[: -len(".json")]

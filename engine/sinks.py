@@ -14,13 +14,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from .contract import ModelSpec
+from .outdir import Record
 
 
 @dataclass
 class ImageOutcome:
     """One input's result, with the in-memory arrays a sink may render."""
 
-    record: dict[str, Any]
+    record: Record
     #: decoded original after EXIF orientation, uint8, RGB (H, W, 3), shrunk so that its
     #: longest side is at most 1024 px (for display); None when the input failed.
     image: np.ndarray | None = None

@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convlens.engine.outdir import Record
 from convlens.engine.results import refuse_links
 
 from .imaging import (
@@ -130,25 +131,21 @@ def grid_file_name(layer: str) -> str:
 
 
 # ---- the sink ----------------------------------------------------------------------
-def top1(record: dict[str, Any]) -> tuple[int | None, float | None]:
+def top1(record: Record) -> tuple[int | None, float | None]:
     """(index, probability) of the record's most probable prediction."""
-    preds = record.get("predictions") or []
-    best: dict[str, Any] | None = None
-    for p in preds:
-        if best is None or float(p.get("prob", 0.0)) > float(best.get("prob", 0.0)):
-            best = p
-    if best is None:
+    if not record.predictions:
         return None, None
-    return int(best["index"]), float(best.get("prob", 0.0))
+    best = max(record.predictions, key=lambda p: p.prob)
+    return best.index, best.prob
 
 
-def is_misclassified(record: dict[str, Any]) -> bool:
-    label = record.get("label_index")
+def is_misclassified(record: Record) -> bool:
+    label = record.label_index
     idx, _ = top1(record)
-    return label is not None and idx is not None and int(label) != idx
+    return label is not None and idx is not None and label != idx
 
 
-def is_low_confidence(record: dict[str, Any]) -> bool:
+def is_low_confidence(record: Record) -> bool:
     _, prob = top1(record)
     return prob is not None and prob < LOW_CONFIDENCE
 
@@ -254,15 +251,15 @@ class ReportAssetSink:
             self._write_manifest(final=True)
 
     # -- policy -------------------------------------------------------------------
-    def wants_activations(self, record: dict[str, Any]) -> bool:
+    def wants_activations(self, record: Record) -> bool:
         """The engine asks before ``on_batch``, once per ok record: the decision is
         kept for that record, so the engine fetches activations only for images that
         get grids."""
         decision = self.wants_grids(record)
-        self._decided[str(record["id"])] = decision
+        self._decided[record.id] = decision
         return decision
 
-    def wants_grids(self, record: dict[str, Any]) -> bool:
+    def wants_grids(self, record: Record) -> bool:
         """Decide (and count) whether this ok record gets activation grids.
 
         Must be called exactly once per ok image, in stream order.
@@ -280,11 +277,11 @@ class ReportAssetSink:
         assert self._root is not None
         record = outcome.record
         self.counts["images"] += 1
-        if record.get("status") != "ok" or outcome.image is None:
+        if not record.ok or outcome.image is None:
             self.counts["errors"] += 1
             return
-        rid = safe_id(str(record["id"]))
-        decided = self._decided.pop(str(record["id"]), None)
+        rid = safe_id(record.id)
+        decided = self._decided.pop(record.id, None)
         grids = self.wants_grids(record) if decided is None else decided
 
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convlens.engine.rundir import RUN_JSON, STATS_JSON
+from convlens.engine.outdir import RUN_JSON, STATS_JSON, Prediction, Record, read_results
 
 from .assets import (
     ASSETS_DIR,
@@ -29,13 +29,6 @@ from .formatting import compress_ranges
 # the run directory's file names come from the module that owns that contract (OUTDIR.md)
 
 #: a full confusion matrix is drawn up to this many classes; above, the most confused pairs
-
-
-@dataclass(slots=True)
-class Prediction:
-    index: int
-    name: str
-    prob: float
 
 
 @dataclass(slots=True)
@@ -150,84 +143,59 @@ def _int_or_none(v: Any) -> int | None:
         return None
 
 
-def _entry(rec: dict[str, Any], class_names: list[str]) -> ImageEntry:
-    preds: list[Prediction] = []
-    for p in rec.get("predictions") or []:
-        try:
-            idx = int(p["index"])
-            prob = float(p.get("prob", 0.0))
-        except (KeyError, TypeError, ValueError):
-            continue
-        name = p.get("name")
-        if not isinstance(name, str):
-            name = class_names[idx] if 0 <= idx < len(class_names) else f"class {idx}"
-        preds.append(Prediction(idx, name, prob))
+def _entry(rec: Record, class_names: list[str]) -> ImageEntry:
+    """The report's view of a record: a file-name-safe id, printable strings,
+    predictions most probable first, each with a name."""
+    preds = [
+        Prediction(
+            p.index,
+            _displayable(p.name)
+            or (class_names[p.index] if 0 <= p.index < len(class_names) else f"class {p.index}"),
+            p.prob,
+        )
+        for p in (rec.predictions if rec.ok else [])
+    ]
     preds.sort(key=lambda p: -p.prob)
-    path = str(rec.get("path") or "")
-    relpath = str(rec.get("relpath") or path or rec.get("id"))
-    ok = rec.get("status") == "ok"
-    error = rec.get("error")
-    label = rec.get("label")
     return ImageEntry(
-        id=safe_id(str(rec["id"])),
-        path=path,
-        relpath=relpath,
-        ok=ok,
-        error=None if error is None else str(error),
-        width=_int_or_none(rec.get("width")),
-        height=_int_or_none(rec.get("height")),
-        predictions=preds if ok else [],
-        label=None if label is None else str(label),
-        label_index=_int_or_none(rec.get("label_index")),
-        cam_classes=[int(c) for c in rec.get("cam_classes") or [] if _int_or_none(c) is not None],
-        cam_methods=[str(m) for m in rec.get("cam_methods") or []],
+        id=safe_id(rec.id),
+        path=_displayable(rec.path),
+        relpath=_displayable(rec.relpath),
+        ok=rec.ok,
+        error=None if rec.error is None else _displayable(rec.error),
+        width=rec.width,
+        height=rec.height,
+        predictions=preds,
+        label=None if rec.label is None else _displayable(rec.label),
+        label_index=rec.label_index,
+        cam_classes=list(rec.cam_classes),
+        cam_methods=list(rec.cam_methods),
     )
 
 
-def _displayable(value: Any) -> Any:
-    """Strings made printable: a file name that is not valid UTF-8 reaches Python as
+def _displayable(value: str) -> str:
+    """A string made printable: a file name that is not valid UTF-8 reaches Python as
     surrogate escapes (\\udcXX), which cannot be written as UTF-8; show U+FFFD instead."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return {k: _displayable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_displayable(v) for v in value]
-    return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def read_results(path: Path, class_names: list[str]) -> Results:
-    """Read results.jsonl: the first record per id wins, as in the engine's resume;
-    unreadable lines are skipped.
+def read_entries(outdir: Path, class_names: list[str]) -> Results:
+    """results.jsonl (through the engine's reader) as the report's entries: the first
+    record per id wins, as in the engine's resume; unreadable lines are counted.
 
     Order: ok images by (relpath, id), then failed inputs by (relpath, id).  This is the
     index's default order and the order of the image pages' previous/next links.
     """
+    found = read_results(outdir)
     by_id: dict[str, ImageEntry] = {}
-    bad = dup = 0
-    if not path.exists():
-        return Results([], 0, 0)
-    with open(path, "rb") as f:
-        for raw in f:
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                rec = _displayable(json.loads(line))
-            except ValueError:
-                bad += 1
-                continue
-            if not isinstance(rec, dict) or "id" not in rec:
-                bad += 1
-                continue
-            entry = _entry(rec, class_names)  # keep the small entry, not the record
-            if entry.id in by_id:
-                dup += 1  # the engine keeps the first record of an id, and so do we
-                continue
-            by_id[entry.id] = entry
+    dup = 0
+    for rec in found.records:
+        if rec.id in by_id:
+            dup += 1  # the engine keeps the first record of an id, and so do we
+            continue
+        by_id[rec.id] = _entry(rec, class_names)  # keep the small entry, not the record
     entries = list(by_id.values())
     entries.sort(key=lambda e: (not e.ok, e.relpath, e.id))
-    return Results(entries, bad, dup)
+    return Results(entries, found.bad_lines, dup)
 
 
 def read_run(outdir: Path, notes: list[str]) -> RunInfo:

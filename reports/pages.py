@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from convlens.engine.rundir import CLASS_CAMS
+from convlens.engine.outdir import CLASS_CAMS
 
 from .assets import ASSETS_DIR, CLASS_CAMS_DIR, cam_file_name, grid_file_name, safe_name
 from .data import (

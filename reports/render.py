@@ -17,7 +17,8 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from convlens import __version__
-from convlens.engine.results import RESULTS, refuse_links
+from convlens.engine.outdir import RESULTS
+from convlens.engine.results import refuse_links
 
 from .assets import (
     ASSETS_DIR,
@@ -29,7 +30,7 @@ from .assets import (
 from .data import (
     AssetIndex,
     list_dir,
-    read_results,
+    read_entries,
     read_run,
     read_stats,
 )
@@ -120,7 +121,7 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
     clean_temporaries(outdir)
     notes: list[str] = []
     run = read_run(outdir, notes)
-    results = read_results(outdir / RESULTS, run.class_names)
+    results = read_entries(outdir, run.class_names)
     names = class_names(run, results)
     ctx = ReportContext(
         outdir=outdir,

@@ -32,6 +32,7 @@ from convlens.engine.contract import (
     OutputSpec,
     Preprocess,
 )
+from convlens.engine.outdir import Record, ResultsLog
 from convlens.engine.rundir import RunDir
 from convlens.engine.sinks import ImageOutcome
 from convlens.reports import ReportAssetSink
@@ -271,7 +272,8 @@ def make_fake_run(
     grid_ids: list[str] = []
     n_ok_seen = 0
     batch: list[ImageOutcome] = []
-    with open(outdir / "results.jsonl", "w", encoding="utf-8") as results:
+    log = ResultsLog(outdir)  # the engine's own writer, as the report's reader expects
+    try:
         for path, label, i in inputs:
             abspath = str(path.resolve())
             rid = hashlib.sha1(abspath.encode("utf-8")).hexdigest()[:16]
@@ -288,7 +290,7 @@ def make_fake_run(
                     width=None,
                     height=None,
                 )
-                outcome = ImageOutcome(record=rec)
+                outcome = ImageOutcome(record=Record.from_json(rec))
             else:
                 img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
                 true = label if label is not None else i % n_classes
@@ -327,15 +329,19 @@ def make_fake_run(
                 if n_ok_seen < grid_sample or wrong or probs[top] < 0.5:
                     grid_ids.append(rid)
                 n_ok_seen += 1
-                outcome = ImageOutcome(record=rec, image=img, maps=maps, activations=acts)
-            results.write(json.dumps(rec) + "\n")
-            records.append(rec)
+                outcome = ImageOutcome(
+                    record=Record.from_json(rec), image=img, maps=maps, activations=acts
+                )
+            log.append([outcome.record])
+            records.append(outcome.record.to_json())
             batch.append(outcome)
             if len(batch) >= batch_size:
                 sink.on_batch(batch)
                 batch = []
         if batch:
             sink.on_batch(batch)
+    finally:
+        log.close()
 
     n_ok = sum(1 for r in records if r["status"] == "ok")
     stats_doc = {}

@@ -552,14 +552,14 @@ class _PickySink:
     def open(self, outdir: Path, spec: C.ModelSpec, settings: dict[str, Any]) -> None:
         pass
 
-    def wants_activations(self, record: dict[str, Any]) -> bool:
-        self.asked.append(record["id"])
+    def wants_activations(self, record: Any) -> bool:
+        self.asked.append(record.id)
         return len(self.asked) % 2 == 0
 
     def on_batch(self, outcomes: list[Any]) -> None:
         for oc in outcomes:
             if oc.activations:
-                self.got[oc.record["path"]] = {k: v.copy() for k, v in oc.activations.items()}
+                self.got[oc.record.path] = {k: v.copy() for k, v in oc.activations.items()}
 
     def close(self, summary: dict[str, Any]) -> None:
         pass

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from convlens.engine.contract import ModelSpec
+from convlens.engine.outdir import Record
 from convlens.engine.sinks import ImageOutcome
 from convlens.reports import ReportAssetSink, render_report
 from convlens.reports import assets as A
@@ -483,9 +484,9 @@ def _record(
 
 def _outcome(rec: dict[str, Any], rng: np.random.Generator) -> ImageOutcome:
     if rec["status"] != "ok":
-        return ImageOutcome(record=rec)
+        return ImageOutcome(record=Record.from_json(rec))
     return ImageOutcome(
-        record=rec,
+        record=Record.from_json(rec),
         image=rng.integers(0, 255, (40, 60, 3), dtype=np.uint8),
         maps={("cam", 0): rng.random((5, 5), dtype=np.float32)},
         activations={

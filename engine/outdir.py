@@ -1,0 +1,206 @@
+"""The run directory's contract (OUTDIR.md): its file names, and results.jsonl's typed
+record with the file's one reader and writer.
+
+One JSON object per line, appended as each batch finishes (one ``os.write`` per line,
+O_APPEND).  A line cut by a kill is dropped, and truncated away when the log is opened
+again for writing.  The engine writes records only through :class:`ResultsLog`; the
+engine's resume and the report both read them only through :func:`read_results`.
+The fields are documented in OUTDIR.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .results import atomic_write_bytes
+
+RESULTS = "results.jsonl"
+RUN_JSON = "run.json"
+STATS_JSON = "stats.json"
+CLASS_CAMS = "class_cams.npz"
+SHARDS = "shards"
+MAPS = "maps"
+LOCK = ".lock"
+
+OK, ERROR = "ok", "error"  # a record's status
+
+
+@dataclass(slots=True)
+class Prediction:
+    """One of the top-k classes of an input."""
+
+    index: int
+    name: str
+    prob: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "prob": self.prob}
+
+
+@dataclass(slots=True)
+class Record:
+    """One input's line of results.jsonl.
+
+    ``status`` is ``"ok"`` or ``"error"``; an error record has a one-line ``error`` and
+    no predictions, size, maps or CAM fields.  ``label`` is the folder name when labels
+    come from folders, else None; ``label_index`` its class (None: not a class name).  ``maps`` is the relative path of the input's ``maps/<id>.npz`` (--save-maps).
+    """
+
+    id: str
+    path: str
+    relpath: str
+    status: str = OK
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    label: str | None = None
+    label_index: int | None = None
+    predictions: list[Prediction] = field(default_factory=list)
+    cam_classes: list[int] = field(default_factory=list)
+    cam_methods: list[str] = field(default_factory=list)
+    maps: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def top(self) -> Prediction | None:
+        return self.predictions[0] if self.predictions else None
+
+    def fail(self, reason: str) -> None:
+        """Mark the input failed with a one-line ``reason``."""
+        self.status, self.error = ERROR, reason
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "path": self.path, "relpath": self.relpath}
+        d["status"], d["error"] = self.status, self.error
+        d["label"], d["label_index"] = self.label, self.label_index
+        if self.ok:
+            d["width"], d["height"] = self.width, self.height
+            d["predictions"] = [p.to_json() for p in self.predictions]
+            d["cam_classes"] = list(self.cam_classes)
+            d["cam_methods"] = list(self.cam_methods)
+            d["maps"] = self.maps
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any) -> Record:
+        """The record of one parsed line; ValueError when it is not a record."""
+        if not isinstance(d, dict) or not isinstance(d.get("id"), str) or not d["id"]:
+            raise ValueError("not a record (no id)")
+        status = d.get("status")
+        if status not in (OK, ERROR):
+            raise ValueError(f"record {d['id']}: status {status!r}")
+        preds = d.get("predictions") or []
+        if not isinstance(preds, list):
+            raise ValueError(f"record {d['id']}: predictions is not a list")
+        return cls(
+            id=d["id"],
+            path=_str(d.get("path")),
+            relpath=_str(d.get("relpath")) or _str(d.get("path")) or d["id"],
+            status=status,
+            error=None if d.get("error") is None else _str(d["error"]),
+            width=_int(d.get("width")),
+            height=_int(d.get("height")),
+            label=None if d.get("label") is None else _str(d["label"]),
+            label_index=_int(d.get("label_index")),
+            predictions=[_prediction(d["id"], p) for p in preds],
+            cam_classes=[c for c in map(_int, _list(d.get("cam_classes"))) if c is not None],
+            cam_methods=[_str(m) for m in _list(d.get("cam_methods"))],
+            maps=None if d.get("maps") is None else _str(d["maps"]),
+        )
+
+
+def _str(v: Any) -> str:
+    return v if isinstance(v, str) else "" if v is None else str(v)
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
+def _prediction(rid: str, p: Any) -> Prediction:
+    if not isinstance(p, dict):
+        raise ValueError(f"record {rid}: a prediction is not an object")
+    index, prob = _int(p.get("index")), p.get("prob")
+    if index is None or not isinstance(prob, (int, float)) or isinstance(prob, bool):
+        raise ValueError(f"record {rid}: a prediction without index or prob")
+    return Prediction(index, _str(p.get("name")), float(prob))
+
+
+@dataclass
+class ResultsRead:
+    """What :func:`read_results` found: every readable record in file order (an id may
+    repeat), and how many lines were not records."""
+
+    records: list[Record]
+    bad_lines: int = 0
+
+
+def read_results(outdir: Path, repair: bool = False) -> ResultsRead:
+    """The records of ``outdir``'s results.jsonl.  A trailing line without its newline
+    (a write a kill cut) is not read; with ``repair`` it is also truncated away, so that
+    appends start on a fresh line.  Other unreadable lines are counted in ``bad_lines``."""
+    path = outdir / RESULTS
+    if not path.exists():
+        return ResultsRead([])
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if repair and end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    found = ResultsRead([], int(bool(data[end:].strip())))
+    for line in data[:end].splitlines():
+        if not line.strip():
+            continue
+        try:
+            found.records.append(Record.from_json(json.loads(line)))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError, not a record
+            found.bad_lines += 1
+    return found
+
+
+class ResultsLog:
+    """The append-only results.jsonl of a run directory (the engine's writer)."""
+
+    def __init__(self, outdir: Path):
+        self.outdir = outdir
+        self.path = outdir / RESULTS
+        self._fd: int | None = None
+
+    def load(self) -> list[Record]:
+        return read_results(self.outdir, repair=True).records
+
+    def rewrite(self, records: list[Record]) -> None:
+        atomic_write_bytes(self.path, b"".join(_line(r) for r in records))
+
+    def append(self, records: list[Record]) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        for r in records:
+            os.write(self._fd, _line(r))
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _line(record: Record) -> bytes:
+    # ASCII JSON: a file name that is not valid UTF-8 (surrogate-escaped by Python)
+    # round-trips as \udcXX escapes instead of writing invalid UTF-8 bytes
+    return (json.dumps(record.to_json(), separators=(",", ":")) + "\n").encode("ascii")
