@@ -254,6 +254,8 @@ def read_spec(path: str | Path) -> ModelSpec:
         raise ContractError(f"{p}: no such file")
     if p.is_dir():
         raise ContractError(f"{p}: is a directory, not an ONNX file")
+    if not p.is_file():  # a FIFO would block the open, a device never ends
+        raise ContractError(f"{p}: not a regular file, not an ONNX file")
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for non-ONNX input

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +56,11 @@ def _inside_outdir(path: str, known: dict[str, bool]) -> bool:
     return known[path]
 
 
-def _walk(root: str) -> tuple[list[str], int]:
+def _walk(root: str, problems: list[tuple[str, str]]) -> tuple[list[str], int]:
     """Image files under ``root`` (recursive, hidden entries skipped, symlinked
     directories followed once), sorted by relative path; plus the number of non-image
-    files seen."""
+    files seen.  Entries with an image name that are not regular files (a dangling
+    link, a FIFO, a device) are added to ``problems`` with the reason."""
     found: list[tuple[tuple[str, ...], str]] = []
     others = 0
     seen_dirs: set[str] = set()
@@ -82,8 +84,32 @@ def _walk(root: str) -> tuple[list[str], int]:
             full = os.path.join(dirpath, name)
             if os.path.isfile(full):
                 found.append(((*rel_parts, name), full))
+            else:
+                problems.append((full, _not_a_file(full)))
     found.sort(key=lambda item: item[0])
     return [full for _, full in found], others
+
+
+def _not_a_file(path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "broken symbolic link" if os.path.islink(path) else "cannot be read"
+    return f"not a regular file ({file_kind(mode)})"
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words."""
+    for test, word in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return word
+    return "not a plain file"
 
 
 def discover(inputs: Sequence[str]) -> Discovery:
@@ -122,7 +148,7 @@ def discover(inputs: Sequence[str]) -> Discovery:
         if is_outdir(path):
             out.problems.append((raw, "a convlens run directory (OUTDIR), not an input"))
             return
-        files, others = _walk(path)
+        files, others = _walk(path, out.problems)
         if not files:
             extra = f" ({others} other file{'s' if others != 1 else ''})" if others else ""
             out.problems.append((raw, f"no image files in this directory{extra}"))
@@ -149,7 +175,7 @@ def discover(inputs: Sequence[str]) -> Discovery:
                     if any(m.startswith(w) for w in walked):
                         continue
                     walked.append(os.path.join(m, ""))
-                    files, _ = _walk(m)
+                    files, _ = _walk(m, out.problems)
                     n_images += len(files)
                     for f in files:
                         add(f)

@@ -36,13 +36,14 @@ OpenCV 5.0 behaviour this module relies on (checked by ``tests/test_images.py``)
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .contract import InputSpec, Preprocess
-from .discovery import Discovery, discover, is_image_name
+from .discovery import Discovery, discover, file_kind, is_image_name
 from .formats import FORMATS, IMAGE_EXTENSIONS, Header, sniff
 
 # discovery and formats live in their own modules; their names are re-exported here
@@ -84,9 +85,31 @@ def _too_large(w: int, h: int, max_pixels: int) -> ImageError:
     )
 
 
-def _read_bytes(path: Path) -> bytes:
+#: the largest file read: an uncompressed image of the pixel limit at 16-bit RGBA, plus
+#: room for metadata.  A larger file (a sparse 3 GB ".jpg") is refused before reading.
+SLACK_BYTES = 64 << 20
+
+
+def max_file_bytes(max_pixels: int) -> int | None:
+    return None if max_pixels <= 0 else max_pixels * 8 + SLACK_BYTES
+
+
+def _read_bytes(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """The file's bytes, once it is known to be a regular file of a size an allowed
+    image can have.  Opened non-blocking, so a FIFO cannot hang the run; a FIFO, a
+    device (``/dev/zero``) or a socket is refused before anything is read."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"not a regular file ({file_kind(st.st_mode)})")
+            limit = max_file_bytes(max_pixels)
+            if limit is not None and st.st_size > limit:
+                raise ImageError(
+                    f"file too large ({st.st_size / 2**20:.0f} MB; an image within the "
+                    f"pixel limit is at most {limit / 2**20:.0f} MB)"
+                )
             return f.read()
     except FileNotFoundError:
         raise ImageError("no such file") from None
@@ -169,7 +192,9 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
 
     Steps:
 
-    1. read the bytes once (``permission denied``, ``is a directory``, ``no such file``);
+    1. read the bytes once, and only from a regular file no larger than an image within
+       the pixel limit can be (``not a regular file (a FIFO)``, ``file too large``,
+       ``permission denied``, ``is a directory``, ``no such file``);
     2. ``empty file (0 bytes)``;
     3. decompression-bomb guard *before decoding*: :func:`sniff` reads width and height
        from the header and ``width * height > max_pixels`` raises ``image too large``
@@ -186,7 +211,7 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
        16-bit ``x`` becomes ``round(x / 257)``; float images (HDR, PFM, float TIFF) become
        ``round(clip(x, 0, 1) * 255)``.
     """
-    return decode_image(_read_bytes(Path(path)), max_pixels)
+    return decode_image(_read_bytes(Path(path), max_pixels), max_pixels)
 
 
 def silence_opencv_logging() -> None:

@@ -7,6 +7,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -646,3 +647,65 @@ def test_every_depth_and_channel_count_decodes_its_own_pixels(
     else:
         want = src8[:, :, 2::-1]  # OpenCV stores BGR(A); the engine gives RGB, alpha dropped
     np.testing.assert_array_equal(got, want)
+
+
+def _within(seconds: float, fn: Any) -> Any:
+    """``fn()``'s result, failing (not hanging) when it takes longer than ``seconds``."""
+    import threading
+
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(_outcome(fn)), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s (a blocking read)"
+    return box[0]
+
+
+def _outcome(fn: Any) -> Any:
+    try:
+        return fn()
+    except Exception as exc:  # handed back to the test thread, which asserts on it
+        return exc
+
+
+def test_fifo_device_and_sparse_giant_are_refused_before_reading(tmp_path: Path) -> None:
+    """Issue 14.7 and 14.8: a FIFO named like a photo never blocks, /dev/zero is not
+    read forever, and a 3 GB sparse .jpg is refused by its size, not read into memory."""
+    import resource
+
+    from convlens.engine.contract import ContractError, read_spec
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    got = _within(10, lambda: read_image(fifo))
+    assert isinstance(got, ImageError) and str(got) == "not a regular file (a FIFO)"
+    got = _within(10, lambda: read_image("/dev/zero"))
+    assert isinstance(got, ImageError) and "character device" in str(got)
+    sparse = tmp_path / "huge.jpg"
+    with open(sparse, "wb") as f:
+        f.write(b"\xff\xd8\xff")
+        f.truncate(3 << 30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    got = _within(10, lambda: read_image(sparse))
+    assert isinstance(got, ImageError) and str(got).startswith("file too large (3072 MB")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KB
+    model = tmp_path / "model.onnx"
+    os.mkfifo(model)
+    got = _within(10, lambda: read_spec(model))
+    assert isinstance(got, ContractError) and "not a regular file" in str(got)
+
+
+def test_walked_entries_that_are_not_files_are_recorded(tmp_path: Path) -> None:
+    """Issue 14.17: a dangling link and a FIFO inside a walked folder are problems with
+    their reason, like explicit paths, not silently skipped."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    cv2.imwrite(str(d / "real.png"), np.zeros((4, 4, 3), np.uint8))
+    os.symlink(d / "gone.png", d / "dangling.png")
+    os.mkfifo(d / "pipe.jpg")
+    found = images.discover([str(d)])
+    assert [f.name for f in found.files] == ["real.png"]
+    assert sorted((Path(p).name, why) for p, why in found.problems) == [
+        ("dangling.png", "broken symbolic link"),
+        ("pipe.jpg", "not a regular file (a FIFO)"),
+    ]
