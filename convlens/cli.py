@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,6 +20,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_INPUT_FAILED = 1
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
+
+
+def say(message: str) -> None:
+    """One message on stderr.  When stderr has been closed (``convlens … 2>&1 | head``
+    ended) the run goes on without its messages, which results.jsonl and run.json
+    hold too, rather than dying on the first one."""
+    try:
+        click.echo(message, err=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):  # stop Python's own complaint at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def printable(text: str, lines: bool = True) -> str:
@@ -51,20 +64,22 @@ def one_line_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except click.exceptions.Exit:
             raise
+        except KeyboardInterrupt:  # the run has closed its files: it resumes
+            say("convlens: interrupted; the same command resumes where it stopped")
+            sys.exit(EXIT_INTERRUPTED)
         except known as exc:
             msg = str(exc).strip().splitlines()
             line = msg[0] if msg else type(exc).__name__
-            click.echo(f"convlens: error: {printable(line, False)}", err=True)
+            say(f"convlens: error: {printable(line, False)}")
             sys.exit(EXIT_ERROR)
         except Exception as exc:  # a bug or a library failure: still one line, exit 2
             if os.environ.get("CONVLENS_DEBUG"):
                 raise
             msg = str(exc).strip().splitlines()
             first = printable(msg[0][:300], False) if msg else ""
-            click.echo(
+            say(
                 f"convlens: error: {type(exc).__name__}: {first} "
-                "(set CONVLENS_DEBUG=1 for the traceback)",
-                err=True,
+                "(set CONVLENS_DEBUG=1 for the traceback)"
             )
             sys.exit(EXIT_ERROR)
 
@@ -148,7 +163,7 @@ def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw
     options = RunOptions(**{k: v for k, v in kw.items() if k in fields})
     options.cam_methods = options.cam_methods or None  # none given: all the model supports
     quiet = kw["quiet"]
-    warn = (lambda m: None) if quiet else (lambda m: click.echo(printable(m, False), err=True))
+    warn = (lambda m: None) if quiet else (lambda m: say(printable(m, False)))
     result = analyze(
         model,
         list(inputs),
@@ -161,9 +176,9 @@ def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw
         warn=warn,
     )
     s = result.summary
-    click.echo(s.line(), err=True)
+    say(s.line())
     if result.report is not None:
-        click.echo(f"report: {result.report}", err=True)
+        say(f"report: {result.report}")
     if s.exit_code:
         sys.exit(EXIT_INPUT_FAILED)
 
@@ -290,7 +305,7 @@ def report(outdir: Path) -> None:
 
     if not (outdir / RESULTS).exists():
         raise ValueError(f"{outdir}: not a convlens run directory (no {RESULTS})")
-    click.echo(f"report: {render_report(outdir)}", err=True)
+    say(f"report: {render_report(outdir)}")
 
 
 @main.command()

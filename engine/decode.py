@@ -102,20 +102,24 @@ class DecodePool:
         window = max(size * 2, workers * 4)
         batch: list[Decoded] = []
         with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-            pending: collections.deque[cf.Future[Decoded]] = collections.deque()
-            it = iter(enumerate(files))
-            for i, f in it:
-                pending.append(pool.submit(self.decode, i, f, roots))
-                if len(pending) >= window:
-                    break
-            while pending:
-                d = pending.popleft().result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(self.decode, nxt[0], nxt[1], roots))
-                batch.append(d)
-                if sum(1 for b in batch if b.tensor is not None) >= size:
+            try:
+                pending: collections.deque[cf.Future[Decoded]] = collections.deque()
+                it = iter(enumerate(files))
+                for i, f in it:
+                    pending.append(pool.submit(self.decode, i, f, roots))
+                    if len(pending) >= window:
+                        break
+                while pending:
+                    d = pending.popleft().result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(self.decode, nxt[0], nxt[1], roots))
+                    batch.append(d)
+                    if sum(1 for b in batch if b.tensor is not None) >= size:
+                        yield batch
+                        batch = []
+                if batch:
                     yield batch
-                    batch = []
-            if batch:
-                yield batch
+            except BaseException:  # Ctrl-C, or the consumer stopped: pending decodes are
+                pool.shutdown(wait=True, cancel_futures=True)  # dropped, not waited for
+                raise

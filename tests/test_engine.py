@@ -841,3 +841,44 @@ def test_hostile_file_names_are_one_escaped_line(
     assert not any(line.startswith("99 ok") for line in lines)
     bad = [line for line in lines if "red.jpg" in line]
     assert len(bad) == 1 and "\\n99 ok" in bad[0] and "\\x1b[31m" in bad[0]
+
+
+def test_sigint_exits_130_and_resumes(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """Issue 14.9: Ctrl-C ends a run promptly with status 130 and one line saying how to
+    go on; the same command then finishes it, equal to an uninterrupted run.  A run
+    whose stderr is closed still finishes."""
+    model, photos = demo_model
+    inp = tmp_path / "in"
+    _many_images(inp, photos, 300)
+    args = [sys.executable, "-m", "convlens.cli", "run", str(model), str(inp)]
+    args += ["--device", "cpu", "--batch-size", "4", "--workers", "1", "--no-report"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*args, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if results.exists() and results.read_bytes().count(b"\n") >= 20:
+            break
+        time.sleep(0.02)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert time.time() - t0 < 30
+    lines = err.decode().strip().splitlines()
+    assert lines[-1] == "convlens: interrupted; the same command resumes where it stopped"
+    assert "Traceback" not in err.decode()
+    assert 0 < results.read_bytes().count(b"\n") < 300
+    r = subprocess.run([*args, "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    closed = tmp_path / "closed"
+    p = subprocess.Popen(
+        [*args, "-o", str(closed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert p.stderr is not None
+    p.stderr.close()  # the reader went away before the first message
+    assert p.wait(timeout=300) == 0
+    assert _comparable(out) == _comparable(closed)
+    assert len(_records(out)) == 300
