@@ -185,7 +185,7 @@ class ResultsLog:
 
     def append(self, records: list[Record]) -> None:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
         for r in records:
             os.write(self._fd, _line(r))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import stat
 from pathlib import Path
 
 import click
@@ -132,3 +134,28 @@ def test_force_starts_both_sides_over(tmp_path: Path) -> None:
     assert CliRunner().invoke(main, [*args, "--force", "--no-report"]).exit_code == 0
     assert (out / "results.jsonl").exists() and not (out / "index.html").exists()
     assert not (out / "assets").exists() or not any((out / "assets").rglob("*.jpg"))
+
+
+def test_file_modes_follow_the_umask(tmp_path: Path) -> None:
+    """Issue 14.14: every file and folder of a run, engine's and report's alike, has the
+    mode the umask gives (0666/0777 masked), results.jsonl too after a resume."""
+    out = tmp_path / "demo"
+    old = os.umask(0o002)  # group-writable, as on shared servers
+    try:
+        r = CliRunner().invoke(main, ["demo", "-o", str(out), "-q"])
+        assert r.exit_code == 0, r.output
+        with open(out / "results.jsonl", "rb+") as f:  # a torn last line: resume rewrites
+            f.seek(-1, os.SEEK_END)
+            f.truncate()
+        r = CliRunner().invoke(main, ["demo", "-o", str(out), "-q"])
+        assert r.exit_code == 0, r.output
+    finally:
+        os.umask(old)
+    modes = {
+        str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode)
+        for p in out.rglob("*")
+        if not p.is_symlink()
+    }
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o775 if (out / p).is_dir() else 0o664)}
+    assert not wrong, wrong
+    assert "results.jsonl" in modes and "index.html" in modes and "shards" in modes
