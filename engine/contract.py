@@ -24,6 +24,7 @@ Graph outputs (names are fixed, roles recorded in ``ModelSpec.outputs``)
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "channel_order": "RGB",
     },
 }
+
+
+MAX_INPUT_SIDE = 16384  # pixels: a model input side beyond this is not an image model's
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class ContractError(ValueError):
@@ -216,7 +228,7 @@ class ModelSpec:
                 f"version {FORMAT_VERSION}); re-export the model with `convlens export`"
             )
         try:
-            return cls(
+            spec = cls(
                 format_version=version,
                 class_names=list(d["class_names"]),
                 input=InputSpec(**d["input"]),
@@ -229,6 +241,45 @@ class ModelSpec:
             )
         except (KeyError, TypeError) as exc:
             raise ContractError(f"malformed convlens metadata: {exc}") from exc
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        """Refuse metadata a run could not use, before any image is read: class names
+        that do not match the predictions, an input size no image can be resized to, and
+        preprocessing constants that are not finite numbers."""
+        bad = ContractError
+        if not self.class_names or not all(isinstance(n, str) for n in self.class_names):
+            raise bad("malformed convlens metadata: class_names must be a non-empty list of names")
+        if self.has_output(OUT_PREDICTIONS):
+            dims = self.output(OUT_PREDICTIONS).shape
+            if dims and isinstance(dims[-1], int) and dims[-1] != self.num_classes:
+                raise bad(
+                    f"malformed convlens metadata: {self.num_classes} class names for "
+                    f"{dims[-1]} predictions"
+                )
+        inp = self.input
+        for what, v in (("height", inp.height), ("width", inp.width)):
+            if not _is_int(v) or not 1 <= v <= MAX_INPUT_SIDE:
+                raise bad(
+                    f"malformed convlens metadata: input {what} {v!r} (1 to {MAX_INPUT_SIDE})"
+                )
+        if inp.channels not in (1, 3):
+            raise bad(f"malformed convlens metadata: input channels {inp.channels!r} (1 or 3)")
+        pre = self.preprocess
+        values = [pre.scale, pre.offset, *(pre.mean or []), *(pre.std or [])]
+        if not all(_is_number(v) and math.isfinite(v) for v in values):
+            raise bad("malformed convlens metadata: preprocessing constants must be finite numbers")
+        if any(s == 0 for s in pre.std or []):
+            raise bad("malformed convlens metadata: a preprocessing std of 0")
+        for vec in (pre.mean, pre.std):
+            if vec is not None and len(vec) not in (1, 3):
+                raise bad(
+                    f"malformed convlens metadata: {len(vec)} preprocessing mean/std values "
+                    "(1 or 3)"
+                )
+        if pre.channel_order not in ("RGB", "BGR"):
+            raise bad(f"malformed convlens metadata: channel order {pre.channel_order!r}")
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:

@@ -185,7 +185,8 @@ class ResultsLog:
 
     def append(self, records: list[Record]) -> None:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            self._fd = os.open(self.path, flags, 0o666)  # the mode: what the umask leaves
         for r in records:
             os.write(self._fd, _line(r))
 

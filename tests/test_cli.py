@@ -6,8 +6,10 @@ import ast
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from convlens.cli import main
@@ -159,3 +161,43 @@ def test_file_modes_follow_the_umask(tmp_path: Path) -> None:
     wrong = {p: oct(m) for p, m in modes.items() if m != (0o775 if (out / p).is_dir() else 0o664)}
     assert not wrong, wrong
     assert "results.jsonl" in modes and "index.html" in modes and "shards" in modes
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(class_names=d["class_names"][:2]), "2 class names for 3 predictions"),
+        (lambda d: d["input"].update(height=0), "input height 0 (1 to 16384)"),
+        (lambda d: d["input"].update(width=-5), "input width -5 (1 to 16384)"),
+        (lambda d: d["input"].update(height=100000), "input height 100000 (1 to 16384)"),
+        (lambda d: d["preprocess"].update(scale=float("nan")), "must be finite numbers"),
+        (lambda d: d["preprocess"].update(std=[0.0, 1.0, 1.0]), "a preprocessing std of 0"),
+        (lambda d: d.update(class_names=[]), "non-empty list of names"),
+    ],
+)
+def test_model_metadata_is_validated_before_the_run(
+    tmp_path: Path, edit: Any, message: str
+) -> None:
+    """Issue 14.16: metadata a run cannot use is refused in one line (exit 2) before any
+    image is read, not as an IndexError mid-run or a NaN in results.jsonl."""
+    import json
+
+    import onnx
+
+    from convlens.engine.contract import METADATA_KEY
+    from convlens.pipeline import demo_paths
+
+    model_path, photos = demo_paths()
+    model = onnx.load(str(model_path))
+    entry = next(m for m in model.metadata_props if m.key == METADATA_KEY)
+    doc = json.loads(entry.value)
+    edit(doc)
+    entry.value = json.dumps(doc)  # NaN is written as the bare token, as a crafted file has
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["run", str(bad), str(photos), "-o", str(out), "-q"])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.output
+    assert not (out / "results.jsonl").exists()
