@@ -42,6 +42,9 @@ TEMPORARIES = (f"{SHARDS}/.*.tmp", f"{MAPS}/.*.npz.*.tmp")
 OWN = (*RUN_FILES, *RUN_DIRS, LOCK)  # never symbolic links (refuse_links)
 
 
+SHARD_ARRAYS = (".stats.npz", ".cams.npz")  # beside each shard's <seq>.json
+
+
 def file_sha1(path: Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -113,18 +116,32 @@ class RunDir:
             )
 
     def resume(self, log: ResultsLog) -> dict[str, Record]:
-        """Done records by id.  Ok records no complete shard covers are dropped (they are
-        recomputed), and so are error records: a failed input is tried again."""
+        """Done records by id, with the shards and the records made to agree both ways:
+        an ok record no complete shard covers is dropped (it is recomputed), and a shard
+        that covers an id without an ok record (a damaged or deleted line) is dropped
+        with every record it covered, so that no image is counted twice in the
+        statistics.  Error records are dropped too: a failed input is tried again.  A
+        shard is complete when its ids are a list of names and both its arrays exist."""
         records = log.load()
-        covered: set[str] = set()
+        shards: dict[Path, set[str]] = {}
         for meta in sorted(self.shards.glob("*.json")):
-            try:
-                covered.update(json.loads(meta.read_text())["ids"])
-            except (OSError, ValueError, KeyError):
+            ids = self._shard_ids(meta)
+            if ids is None:
                 self._drop_shard(meta)
+            else:
+                shards[meta] = ids
         for pattern in TEMPORARIES:  # atomic writes a kill interrupted
             for tmp in self.path.glob(pattern):
                 tmp.unlink(missing_ok=True)
+        ok = {r.id for r in records if r.ok}
+        while True:
+            covered = set().union(*shards.values())
+            stale = [m for m, ids in shards.items() if not ids <= ok]
+            if not stale:
+                break
+            for meta in stale:
+                ok -= shards.pop(meta)  # its images are recomputed, all of them
+                self._drop_shard(meta)
         keep, seen = [], set()
         for r in records:
             if r.id in seen or not r.ok or r.id not in covered:
@@ -135,9 +152,22 @@ class RunDir:
             log.rewrite(keep)
         return {r.id: r for r in keep}
 
+    def _shard_ids(self, meta: Path) -> set[str] | None:
+        """The ids a shard covers; None when it is damaged or incomplete."""
+        stem = meta.name[: -len(".json")]
+        if not all((meta.parent / (stem + s)).is_file() for s in SHARD_ARRAYS):
+            return None
+        try:
+            ids = json.loads(meta.read_text())["ids"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            return None
+        return set(ids)
+
     def _drop_shard(self, meta: Path) -> None:
         stem = meta.name[: -len(".json")]
-        for suffix in (".json", ".stats.npz", ".cams.npz"):
+        for suffix in (".json", *SHARD_ARRAYS):
             (meta.parent / (stem + suffix)).unlink(missing_ok=True)
 
     def next_shard_seq(self) -> int:

@@ -882,3 +882,46 @@ def test_sigint_exits_130_and_resumes(demo_model: tuple[Path, Path], tmp_path: P
     assert p.wait(timeout=300) == 0
     assert _comparable(out) == _comparable(closed)
     assert len(_records(out)) == 300
+
+
+def test_shards_and_records_agree_after_damage(tmp_path: Path) -> None:
+    """Issue 14.4 and part of 14.10: a results.jsonl line deleted or cut, a shard whose
+    ids are not a list, a shard missing its arrays: the rerun recomputes what they
+    covered, and stats.json counts every image exactly once, as a clean run does."""
+    from click.testing import CliRunner
+
+    from convlens.cli import main
+
+    def demo(out: Path) -> None:
+        args = ["demo", "-o", str(out), "-q", "--no-report", "--batch-size", "1"]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+
+    clean = tmp_path / "clean"
+    demo(clean)
+    want = json.loads((clean / "stats.json").read_text())
+    assert len(list((clean / "shards").glob("*.json"))) >= 2
+    damages = {
+        "line deleted": lambda out: (out / "results.jsonl").write_bytes(
+            b"".join((out / "results.jsonl").read_bytes().splitlines(keepends=True)[1:])
+        ),
+        "line NUL-filled": lambda out: (out / "results.jsonl").write_bytes(
+            b"\0" * 40 + b"\n" + (out / "results.jsonl").read_bytes().split(b"\n", 1)[1]
+        ),
+        "ids not a list": lambda out: sorted((out / "shards").glob("*.json"))[0].write_text(
+            '{"ids": 42}'
+        ),
+        "arrays missing": lambda out: sorted((out / "shards").glob("*.stats.npz"))[-1].unlink(),
+    }
+    for name, damage in damages.items():
+        out = tmp_path / name.replace(" ", "_")
+        demo(out)
+        damage(out)
+        demo(out)
+        got = json.loads((out / "stats.json").read_text())
+        for layer, s in want.items():
+            assert got[layer]["count"] == s["count"] == 15, (name, layer, got[layer]["count"])
+            np.testing.assert_allclose(got[layer]["mean"], s["mean"], rtol=1e-5, err_msg=name)
+        assert _comparable(out) == _comparable(clean), name
+        with np.load(out / "class_cams.npz") as z, np.load(clean / "class_cams.npz") as c:
+            np.testing.assert_array_equal(z["counts"], c["counts"], err_msg=name)
