@@ -144,10 +144,10 @@ class Runner:
         plan = self.plan
         self.dir.prepare(plan.force, plan.save_maps, self.fingerprint)
         log = ResultsLog(self.outdir)
-        done = self.dir.resume(log)
+        done, repaired = self.dir.resume(log)
         found = discover(inputs)
         roots = input_roots(inputs, found.files)
-        notes = [inference.note] if inference.note else []
+        notes = [n for n in (inference.note, repaired) if n]
         for n in notes:
             self.warn(n)
         problems = []

@@ -29,6 +29,7 @@ from .outdir import (
     STATS_JSON,
     Record,
     ResultsLog,
+    read_results,
 )
 from .plan import RunError
 from .results import atomic_save_npz, atomic_write_json, refuse_links
@@ -115,19 +116,23 @@ class RunDir:
                 f"({', '.join(changed)} differ); use --force to recompute, or another -o"
             )
 
-    def resume(self, log: ResultsLog) -> dict[str, Record]:
+    def resume(self, log: ResultsLog) -> tuple[dict[str, Record], str | None]:
         """Done records by id, with the shards and the records made to agree both ways:
         an ok record no complete shard covers is dropped (it is recomputed), and a shard
         that covers an id without an ok record (a damaged or deleted line) is dropped
         with every record it covered, so that no image is counted twice in the
         statistics.  Error records are dropped too: a failed input is tried again.  A
-        shard is complete when its ids are a list of names and both its arrays exist."""
-        records = log.load()
+        shard is complete when its ids are a list of names and both its arrays exist.
+        Also returns one line saying what damage was repaired, or None."""
+        found = read_results(log.outdir, repair=True)
+        records = found.records
         shards: dict[Path, set[str]] = {}
+        dropped = 0
         for meta in sorted(self.shards.glob("*.json")):
             ids = self._shard_ids(meta)
             if ids is None:
                 self._drop_shard(meta)
+                dropped += 1
             else:
                 shards[meta] = ids
         for pattern in TEMPORARIES:  # atomic writes a kill interrupted
@@ -142,6 +147,7 @@ class RunDir:
             for meta in stale:
                 ok -= shards.pop(meta)  # its images are recomputed, all of them
                 self._drop_shard(meta)
+                dropped += 1
         keep, seen = [], set()
         for r in records:
             if r.id in seen or not r.ok or r.id not in covered:
@@ -150,7 +156,15 @@ class RunDir:
             keep.append(r)
         if len(keep) != len(records):
             log.rewrite(keep)
-        return {r.id: r for r in keep}
+        note = None
+        if dropped or found.bad_lines:
+            redo = len({r.id for r in records if r.ok}) - len(keep)
+            note = (
+                f"{self.path}: repaired on resume: {found.bad_lines} unreadable line(s) of "
+                f"{RESULTS} and {dropped} damaged or out-of-step shard(s) dropped; "
+                f"{redo} result(s) dropped with them, to be recomputed"
+            )
+        return {r.id: r for r in keep}, note
 
     def _shard_ids(self, meta: Path) -> set[str] | None:
         """The ids a shard covers; None when it is damaged or incomplete."""

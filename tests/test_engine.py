@@ -892,10 +892,11 @@ def test_shards_and_records_agree_after_damage(tmp_path: Path) -> None:
 
     from convlens.cli import main
 
-    def demo(out: Path) -> None:
-        args = ["demo", "-o", str(out), "-q", "--no-report", "--batch-size", "1"]
+    def demo(out: Path) -> str:
+        args = ["demo", "-o", str(out), "--no-report", "--batch-size", "1"]
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0, r.output
+        return r.output
 
     clean = tmp_path / "clean"
     demo(clean)
@@ -915,9 +916,10 @@ def test_shards_and_records_agree_after_damage(tmp_path: Path) -> None:
     }
     for name, damage in damages.items():
         out = tmp_path / name.replace(" ", "_")
-        demo(out)
+        assert "repaired" not in demo(out)
         damage(out)
-        demo(out)
+        said = [line for line in demo(out).splitlines() if "repaired on resume" in line]
+        assert len(said) == 1 and "to be recomputed" in said[0], (name, said)
         got = json.loads((out / "stats.json").read_text())
         for layer, s in want.items():
             assert got[layer]["count"] == s["count"] == 15, (name, layer, got[layer]["count"])
