@@ -47,7 +47,8 @@ class Record:
 
     ``status`` is ``"ok"`` or ``"error"``; an error record has a one-line ``error`` and
     no predictions, size, maps or CAM fields.  ``label`` is the folder name when labels
-    come from folders, else None; ``label_index`` its class (None: not a class name).  ``maps`` is the relative path of the input's ``maps/<id>.npz`` (--save-maps).
+    come from folders, else None; ``label_index`` its class (None: not a class name).
+    ``maps`` is the relative path of the input's ``maps/<id>.npz`` (--save-maps).
     """
 
     id: str
@@ -67,10 +68,6 @@ class Record:
     @property
     def ok(self) -> bool:
         return self.status == OK
-
-    @property
-    def top(self) -> Prediction | None:
-        return self.predictions[0] if self.predictions else None
 
     def fail(self, reason: str) -> None:
         """Mark the input failed with a one-line ``reason``."""

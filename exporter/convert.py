@@ -9,6 +9,7 @@ and the graph's inputs are checked to be the image and targets only.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 from typing import Any
@@ -192,6 +193,8 @@ def fold_weight_layouts(model_proto: Any) -> int:
 
     graph = model_proto.graph
     inits = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    readers = collections.Counter(n for node in graph.node for n in node.input)
     folded = 0
     changed = True
     while changed:
@@ -201,7 +204,7 @@ def fold_weight_layouts(model_proto: Any) -> int:
                 continue
             if not node.input or not all(n in inits for n in node.input if n):
                 continue
-            if any(o.name == node.output[0] for o in graph.output):
+            if node.output[0] in outputs:
                 continue
             x = numpy_helper.to_array(inits[node.input[0]])
             attrs = {a.name: a for a in node.attribute}
@@ -228,7 +231,8 @@ def fold_weight_layouts(model_proto: Any) -> int:
             inits[new.name] = new
             graph.node.remove(node)
             for name in node.input:  # an initializer nothing else reads goes now, not
-                if name and name in inits and not _read(graph, name):  # at the end
+                readers[name] -= 1  # at the end, so that two copies are never held
+                if name and name in inits and readers[name] <= 0 and name not in outputs:
                     graph.initializer.remove(inits.pop(name))
             folded += 1
             changed = True
@@ -238,12 +242,6 @@ def fold_weight_layouts(model_proto: Any) -> int:
         del graph.initializer[:]
         graph.initializer.extend(keep)
     return folded
-
-
-def _read(graph: Any, name: str) -> bool:
-    return any(name in node.input for node in graph.node) or any(
-        o.name == name for o in graph.output
-    )
 
 
 def fold_captured_inputs(
