@@ -1,11 +1,16 @@
-"""The run directory's contract (OUTDIR.md): its file names, and results.jsonl's typed
-record with the file's one reader and writer.
+"""The run directory's contract (OUTDIR.md): its file names, results.jsonl's typed
+record with the file's one reader and writer, and run.json's typed document with its
+one reader and writer.
 
 One JSON object per line, appended as each batch finishes (one ``os.write`` per line,
 O_APPEND).  A line cut by a kill is dropped, and truncated away when the log is opened
 again for writing.  The engine writes records only through :class:`ResultsLog`; the
 engine's resume and the report both read them only through :func:`read_results`.
 The fields are documented in OUTDIR.md.
+
+run.json is read only through :func:`read_run_json` (the engine's fingerprint check
+and the report alike), which raises :class:`RunJsonError` (one line) for a file that is
+there but is not a JSON object; each reader decides what that means for it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .results import atomic_write_bytes
+from .results import atomic_write_bytes, atomic_write_json
 
 RESULTS = "results.jsonl"
 RUN_JSON = "run.json"
@@ -202,3 +207,91 @@ def _line(record: Record) -> bytes:
     # ASCII JSON: a file name that is not valid UTF-8 (surrogate-escaped by Python)
     # round-trips as \udcXX escapes instead of writing invalid UTF-8 bytes
     return (json.dumps(record.to_json(), separators=(",", ":")) + "\n").encode("ascii")
+
+
+# ---- run.json ------------------------------------------------------------------------
+RUN_SCHEMA_VERSION = 1
+
+
+class RunJsonError(ValueError):
+    """run.json is there but is not a run's document: it cannot be read, is not JSON, or
+    is not a JSON object.  ``str(e)`` is one line naming the file and what is wrong."""
+
+
+@dataclass
+class RunDoc:
+    """run.json, typed.  A field of the wrong type reads as absent (None or {});
+    ``extra`` holds any other top-level keys."""
+
+    schema_version: int | None = None
+    model_path: str | None = None
+    spec: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    fingerprint: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("schema_version", "model_path", "spec", "settings", "fingerprint", "summary")
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = dict(self.extra)
+        d.update(
+            schema_version=self.schema_version,
+            model_path=self.model_path,
+            spec=self.spec,
+            settings=self.settings,
+            fingerprint=self.fingerprint,
+            summary=self.summary,
+        )
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunDoc:
+        path = d.get("model_path")
+        return cls(
+            schema_version=_int(d.get("schema_version")),
+            model_path=None if path is None else _str(path),
+            spec=_dict(d.get("spec")),
+            settings=_dict(d.get("settings")) or {},
+            fingerprint=_dict(d.get("fingerprint")),
+            summary=_dict(d.get("summary")),
+            extra={k: v for k, v in d.items() if k not in cls._KEYS},
+        )
+
+
+def _dict(v: Any) -> dict[str, Any] | None:
+    return v if isinstance(v, dict) else None
+
+
+def read_run_json(outdir: Path) -> RunDoc | None:
+    """``outdir``'s run.json; None when there is none (no run has started there).
+
+    Raises :class:`RunJsonError` when the file cannot be read, is not JSON (a write cut
+    short, another program's file) or is JSON but not an object (``[]``, ``42``)."""
+    path = Path(outdir) / RUN_JSON
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise RunJsonError(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise RunJsonError(f"{path} is damaged (not JSON: {type(exc).__name__})") from exc
+    if not isinstance(doc, dict):
+        raise RunJsonError(f"{path} is damaged (a JSON {_kind(doc)}, not an object)")
+    return RunDoc.from_json(doc)
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, list):
+        return "list"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, bool) or v is None:
+        return "constant"
+    return "number"
+
+
+def write_run_json(outdir: Path, doc: RunDoc) -> None:
+    """run.json, atomically (the one writer)."""
+    atomic_write_json(Path(outdir) / RUN_JSON, doc.to_json())

@@ -9,9 +9,10 @@ Pipeline
 Resume
     Records go to results.jsonl as each batch finishes; activation statistics are
     flushed as a shard every few batches, each shard naming the ids it covers.  On a
-    new run, ok records that no complete shard covers are dropped and recomputed, and
-    every input that has a record is skipped: killed at any point and run again, the
-    run finishes with nothing lost and nothing counted twice.
+    new run, ok records that no complete shard covers, or whose per-image files (maps,
+    a sink's files) are missing, are dropped and recomputed, and every input that has a
+    record is skipped: killed at any point and run again, the run finishes with nothing
+    lost and nothing counted twice.
 
 Exit status (see :attr:`RunSummary.exit_code`): 0 every input succeeded, 1 at least
 one input failed (the others were processed), 2 the run could not start.
@@ -122,11 +123,11 @@ class Runner:
         progress: ProgressCallback | None = None,
     ):
         self.plan = RunPlan.build(model_path, options)
-        self.dir = RunDir(outdir)
+        self.fingerprint = self.plan.fingerprint(file_sha1(self.plan.model_path))
+        self.dir = RunDir(outdir, self.fingerprint)
         self.sinks = list(sinks)
         self.warn = warn or _stderr
         self.progress = progress
-        self.fingerprint = self.plan.fingerprint(file_sha1(self.plan.model_path))
 
     @property
     def outdir(self) -> Path:
@@ -142,10 +143,11 @@ class Runner:
 
     def _run_locked(self, inference: Inference, inputs: list[str], t0: float) -> RunSummary:
         plan = self.plan
-        self.dir.prepare(plan.force, plan.save_maps, self.fingerprint)
-        log = ResultsLog(self.outdir)
-        done, repaired = self.dir.resume(log)
+        run_json = self.dir.prepare(plan.force, plan.save_maps, self.fingerprint)
         found = discover(inputs)
+        order = [image_id(f) for f in found.files]  # the stream's order
+        log = ResultsLog(self.outdir)
+        done, repaired = self.dir.resume(log, lambda recs: self._lacking(order, recs), run_json)
         roots = input_roots(inputs, found.files)
         notes = [n for n in (inference.note, repaired) if n]
         for n in notes:
@@ -166,6 +168,9 @@ class Runner:
         self.dir.write_run_json(plan.model_path, plan.spec, settings, self.fingerprint, None)
         for s in self.sinks:
             s.open(self.outdir, plan.spec, settings)
+            expect = getattr(s, "expect", None)
+            if expect is not None:
+                expect(order, {i: r for i, r in done.items() if r.ok})
         shard = _Shard(self.dir.next_shard_seq())
         pool = DecodePool(plan, keep_images=bool(self.sinks))
         processed = 0
@@ -200,6 +205,15 @@ class Runner:
         for s in self.sinks:
             s.close(asdict(summary) | {"outdir": str(self.outdir)})
         return summary
+
+    def _lacking(self, order: list[str], records: dict[str, Record]) -> set[str]:
+        """Ids of done records whose sink files are missing (see ResultSink)."""
+        missing: set[str] = set()
+        for s in self.sinks:
+            ask = getattr(s, "missing", None)
+            if ask is not None:
+                missing |= ask(self.outdir, self.plan.spec, order, records)
+        return missing
 
     def _process(
         self, inference: Inference, batch: list[Decoded], log: ResultsLog, shard: _Shard

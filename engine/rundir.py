@@ -1,10 +1,10 @@
 """The run directory's lifecycle: lock, --force, fingerprint, resume, shards, run.json.
 
-OUTDIR.md is the contract; this module is the engine's one reader and writer of
-run.json (with a ``schema_version``), of the statistics shards, and of stats.json and
-class_cams.npz.  Resume: ok records that no complete shard covers are dropped and
-recomputed, failed inputs are tried again, and temporaries a kill left behind are
-removed (only names the engine makes).
+OUTDIR.md is the contract; this module is the engine's one writer of the statistics
+shards, stats.json and class_cams.npz, and checks run.json (read and written through
+:mod:`convlens.engine.outdir`).  Resume: ok records that no complete shard covers, or
+whose per-image files are missing, are dropped and recomputed, failed inputs are tried
+again, and temporaries a kill left behind are removed (only names the engine makes).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,17 +27,22 @@ from .outdir import (
     MAPS,
     RESULTS,
     RUN_JSON,
+    RUN_SCHEMA_VERSION,
     SHARDS,
     STATS_JSON,
     Record,
     ResultsLog,
+    RunDoc,
+    RunJsonError,
     read_results,
+    read_run_json,
 )
+from .outdir import write_run_json as _write_run_json
 from .plan import RunError
 from .results import atomic_save_npz, atomic_write_json, refuse_links
 from .stats import ClassCAMs, RunStats
 
-SCHEMA_VERSION = 1  # of run.json
+SCHEMA_VERSION = RUN_SCHEMA_VERSION  # of run.json
 # what --force removes: the engine's own files (sinks clean theirs: settings["force"])
 RUN_FILES = (RESULTS, RUN_JSON, STATS_JSON, CLASS_CAMS)
 RUN_DIRS = (MAPS, SHARDS)
@@ -44,6 +51,10 @@ OWN = (*RUN_FILES, *RUN_DIRS, LOCK)  # never symbolic links (refuse_links)
 
 
 SHARD_ARRAYS = (".stats.npz", ".cams.npz")  # beside each shard's <seq>.json
+FORCE_HINT = "use --force to start this OUTDIR over, or another -o"
+
+#: ids of done ok records whose per-image files are missing (a sink's, e.g. the report's)
+Lacking = Callable[[dict[str, Record]], set[str]]
 
 
 def file_sha1(path: Path) -> str:
@@ -55,11 +66,14 @@ def file_sha1(path: Path) -> str:
 
 
 class RunDir:
-    """OUTDIR as one run uses it."""
+    """OUTDIR as one run uses it.  ``fingerprint``: the run's (model and the settings
+    that shape a record); each shard carries it, so that a damaged run.json can be told
+    apart from another model's."""
 
-    def __init__(self, outdir: str | Path):
+    def __init__(self, outdir: str | Path, fingerprint: dict[str, Any] | None = None):
         self.path = Path(outdir)
         self.shards = self.path / SHARDS
+        self.fingerprint = fingerprint
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -75,59 +89,79 @@ class RunDir:
                 raise RunError(f"{self.path}: another convlens run is writing to it") from exc
             yield  # closing the file releases the lock
 
-    def prepare(self, force: bool, save_maps: bool, fingerprint: dict[str, Any]) -> None:
+    def prepare(self, force: bool, save_maps: bool, fingerprint: dict[str, Any]) -> str | None:
+        """--force, or the check that OUTDIR holds this run's results.  Returns what was
+        repaired of run.json (for resume's note), or None."""
         out = self.path
         if out.exists() and not out.is_dir():
             raise RunError(f"{out}: exists and is not a directory")
         refuse_links(out, OWN)
+        repaired = None
         if force and out.exists():
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
             for name in RUN_DIRS:
                 shutil.rmtree(out / name, ignore_errors=True)
         else:
-            self.check_same_run(fingerprint)
+            repaired = self.check_same_run(fingerprint)
         self.shards.mkdir(parents=True, exist_ok=True)
         if save_maps:
             (out / MAPS).mkdir(exist_ok=True)
+        return repaired
 
-    def check_same_run(self, fingerprint: dict[str, Any]) -> None:
-        """Refuse an OUTDIR of another model or other settings, and a run.json that is
-        damaged or not convlens'."""
-        path = self.path / RUN_JSON
-        if not path.exists():
-            return
+    def check_same_run(self, fingerprint: dict[str, Any]) -> str | None:
+        """Refuse an OUTDIR of another model or other settings.  A run.json that is
+        damaged (not a JSON object) or has no fingerprint is repaired when every
+        readable shard carries this run's fingerprint (what resume keeps is exactly what
+        the shards cover), and otherwise refused; returns the repair's words or None."""
         try:
-            before = json.loads(path.read_text()).get("fingerprint")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise RunError(
-                f"{path} is damaged ({type(exc).__name__}); use --force to start this "
-                "OUTDIR over, or another -o"
-            ) from exc
-        if not isinstance(before, dict):
-            raise RunError(
-                f"{path} is not a convlens run's (no fingerprint); use --force to start "
-                "this OUTDIR over, or another -o"
-            )
+            doc = read_run_json(self.path)
+        except RunJsonError as exc:
+            return self._rederive(str(exc), fingerprint)
+        if doc is None:  # no run started here, or run.json deleted beside its shards
+            if not any(self.shards.glob("*.json")):
+                return None
+            return self._rederive(f"{self.path / RUN_JSON} is missing", fingerprint)
+        before = doc.fingerprint
+        if before is None:
+            path = self.path / RUN_JSON
+            return self._rederive(f"{path} is not a convlens run's (no fingerprint)", fingerprint)
         if before != fingerprint:
             changed = [k for k, v in fingerprint.items() if before.get(k) != v]
             raise RunError(
                 f"{self.path} holds results of another model or other settings "
                 f"({', '.join(changed)} differ); use --force to recompute, or another -o"
             )
+        return None
 
-    def resume(self, log: ResultsLog) -> tuple[dict[str, Record], str | None]:
+    def _rederive(self, problem: str, fingerprint: dict[str, Any]) -> str:
+        """The repair of an unusable run.json, or a one-line refusal."""
+        found = [self._shard_doc(meta) for meta in sorted(self.shards.glob("*.json"))]
+        marks = [d.get("fingerprint") for d in found if d is not None]
+        if marks and all(m == fingerprint for m in marks):
+            return f"{problem}, rewritten: its shards are this model's and settings'"
+        raise RunError(f"{problem}; {FORCE_HINT}")
+
+    def resume(
+        self, log: ResultsLog, lacking: Lacking | None = None, repaired: str | None = None
+    ) -> tuple[dict[str, Record], str | None]:
         """Done records by id, with the shards and the records made to agree both ways:
         an ok record no complete shard covers is dropped (it is recomputed), and a shard
-        that covers an id without an ok record (a damaged or deleted line) is dropped
-        with every record it covered, so that no image is counted twice in the
-        statistics.  Error records are dropped too: a failed input is tried again.  A
-        shard is complete when its ids are a list of names and both its arrays exist.
-        Also returns one line saying what damage was repaired, or None."""
+        that covers an id without a usable ok record (a damaged or deleted line, or a
+        record whose files are missing) is dropped with every record it covered, so
+        that no image is counted twice in the statistics.  A record's files are its
+        ``maps/<id>.npz`` and what ``lacking`` (the sinks) says is missing.  Error
+        records are dropped too: a failed input is tried again.  A shard is complete
+        when its ids are a list of names, both its arrays load, and its fingerprint (if
+        it has one) is this run's.  Also returns one line saying what damage was
+        repaired (``repaired``: run.json's, from :meth:`prepare`), or None."""
         found = read_results(log.outdir, repair=True)
         records = found.records
         shards: dict[Path, set[str]] = {}
         dropped = 0
+        for pattern in TEMPORARIES:  # atomic writes a kill interrupted
+            for tmp in self.path.glob(pattern):
+                tmp.unlink(missing_ok=True)
         for meta in sorted(self.shards.glob("*.json")):
             ids = self._shard_ids(meta)
             if ids is None:
@@ -135,10 +169,15 @@ class RunDir:
                 dropped += 1
             else:
                 shards[meta] = ids
-        for pattern in TEMPORARIES:  # atomic writes a kill interrupted
-            for tmp in self.path.glob(pattern):
-                tmp.unlink(missing_ok=True)
-        ok = {r.id for r in records if r.ok}
+        first: dict[str, Record] = {}  # the first ok record of each id
+        for r in records:
+            if r.ok:
+                first.setdefault(r.id, r)
+        ok = set(first)
+        missing = self._maps_missing(list(first.values()))
+        if lacking is not None:
+            missing |= lacking({i: first[i] for i in ok if i not in missing}) & ok
+        ok -= missing
         while True:
             covered = set().union(*shards.values())
             stale = [m for m, ids in shards.items() if not ids <= ok]
@@ -148,36 +187,79 @@ class RunDir:
                 ok -= shards.pop(meta)  # its images are recomputed, all of them
                 self._drop_shard(meta)
                 dropped += 1
-        keep, seen = [], set()
-        for r in records:
-            if r.id in seen or not r.ok or r.id not in covered:
-                continue
-            seen.add(r.id)
-            keep.append(r)
+        keep = [r for i, r in first.items() if i in ok and i in covered]
         if len(keep) != len(records):
             log.rewrite(keep)
-        note = None
+        pieces = [repaired] if repaired else []
         if dropped or found.bad_lines:
-            redo = len({r.id for r in records if r.ok}) - len(keep)
+            pieces.append(
+                f"{found.bad_lines} unreadable line(s) of {RESULTS} and {dropped} damaged "
+                "or out-of-step shard(s) dropped"
+            )
+        if missing:
+            pieces.append(f"{len(missing)} result(s) whose files were missing")
+        note = None
+        if pieces:
+            redo = len(first) - len(keep)
             note = (
-                f"{self.path}: repaired on resume: {found.bad_lines} unreadable line(s) of "
-                f"{RESULTS} and {dropped} damaged or out-of-step shard(s) dropped; "
+                f"{self.path}: repaired on resume: {'; '.join(pieces)}; "
                 f"{redo} result(s) dropped with them, to be recomputed"
             )
         return {r.id: r for r in keep}, note
 
-    def _shard_ids(self, meta: Path) -> set[str] | None:
-        """The ids a shard covers; None when it is damaged or incomplete."""
-        stem = meta.name[: -len(".json")]
-        if not all((meta.parent / (stem + s)).is_file() for s in SHARD_ARRAYS):
-            return None
+    def _maps_missing(self, records: list[Record]) -> set[str]:
+        """Ids of records whose ``maps/<id>.npz`` (--save-maps) is not there."""
+        want = [r for r in records if r.maps is not None]
+        if not want:
+            return set()
         try:
-            ids = json.loads(meta.read_text())["ids"]
-        except (OSError, ValueError, KeyError, TypeError):
+            present = set(os.listdir(self.path / MAPS))
+        except (FileNotFoundError, NotADirectoryError):  # then none is there
+            present = set()
+        prefix = MAPS + "/"
+        return {
+            r.id
+            for r in want
+            if not (r.maps or "").startswith(prefix) or (r.maps or "")[len(prefix) :] not in present
+        }
+
+    def _shard_doc(self, meta: Path) -> dict[str, Any] | None:
+        """A shard's <seq>.json; None when it cannot be read as an object."""
+        try:
+            doc = json.loads(meta.read_bytes())
+        except (OSError, ValueError):
             return None
+        return doc if isinstance(doc, dict) else None
+
+    def _shard_ids(self, meta: Path) -> set[str] | None:
+        """The ids a shard covers; None when it is damaged, incomplete or another
+        run's."""
+        doc = self._shard_doc(meta)
+        ids = None if doc is None else doc.get("ids")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             return None
+        mark = doc.get("fingerprint") if doc is not None else None
+        if mark is not None and self.fingerprint is not None and mark != self.fingerprint:
+            return None
+        stem = meta.name[: -len(".json")]
+        if not self._arrays_load(meta.parent / stem):
+            return None
         return set(ids)
+
+    @staticmethod
+    def _arrays_load(stem: Path) -> bool:
+        """Whether both arrays of a shard are there and load (a kill cannot cut them:
+        they are written atomically; a disk or a person can)."""
+        import numpy as np
+
+        stats, cams = (stem.parent / (stem.name + s) for s in SHARD_ARRAYS)
+        try:
+            RunStats.load_npz(stats)
+            with np.load(cams, allow_pickle=False) as z:
+                ClassCAMs.from_arrays(z)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return False
+        return True
 
     def _drop_shard(self, meta: Path) -> None:
         stem = meta.name[: -len(".json")]
@@ -198,7 +280,10 @@ class RunDir:
         stem = f"{seq:06d}"
         stats.save_npz(self.shards / f"{stem}.stats.npz")
         atomic_save_npz(self.shards / f"{stem}.cams.npz", cams.to_arrays())
-        atomic_write_json(self.shards / f"{stem}.json", {"ids": ids})
+        doc: dict[str, Any] = {"ids": ids}
+        if self.fingerprint is not None:
+            doc["fingerprint"] = self.fingerprint
+        atomic_write_json(self.shards / f"{stem}.json", doc)
 
     def merge_shards(self, num_classes: int) -> None:
         """stats.json and class_cams.npz from every complete shard."""
@@ -222,16 +307,16 @@ class RunDir:
         fingerprint: dict[str, Any],
         summary: dict[str, Any] | None,
     ) -> None:
-        """run.json, the one writer: at the start (summary None, so a report rendered
-        mid-run can use the spec and settings) and at the end."""
-        atomic_write_json(
-            self.path / RUN_JSON,
-            {
-                "schema_version": SCHEMA_VERSION,
-                "model_path": str(model_path),
-                "spec": asdict(spec),
-                "settings": settings,
-                "fingerprint": fingerprint,
-                "summary": summary,
-            },
+        """run.json (through the contract's one writer): at the start (summary None, so
+        a report rendered mid-run can use the spec and settings) and at the end."""
+        _write_run_json(
+            self.path,
+            RunDoc(
+                schema_version=SCHEMA_VERSION,
+                model_path=str(model_path),
+                spec=asdict(spec),
+                settings=settings,
+                fingerprint=fingerprint,
+                summary=summary,
+            ),
         )

@@ -33,10 +33,21 @@ class ImageOutcome:
 
 
 class ResultSink(Protocol):
-    """Receives every batch's outcomes.  A sink may also define
-    ``wants_activations(record) -> bool``: the engine calls it once per ok record,
-    before ``on_batch``, and fetches activations only for the images it says yes to
-    (without it, every image gets them)."""
+    """Receives every batch's outcomes.  A sink may also define:
+
+    ``missing(outdir, spec, order, done) -> set[str]``
+        called on resume, before ``open``: ``order`` is the ids of this run's input
+        files in the order they stream (the done ones included), ``done`` the ok records
+        of earlier runs by id; returns the ids of those whose files the sink lacks
+        (deleted, or never written): the engine drops and recomputes them.
+    ``expect(order, done)``
+        called after ``open``, before the first batch, with the same ``order`` and the
+        ok records that stay done, so that what the sink decides per image can depend
+        on the image's place in the run rather than on what this process has seen.
+    ``wants_activations(record) -> bool``
+        called once per ok record, before ``on_batch``: the engine fetches activations
+        only for the images it says yes to (without it, every image gets them).
+    """
 
     def open(self, outdir: Path, spec: ModelSpec, settings: dict[str, Any]) -> None: ...
 

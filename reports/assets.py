@@ -26,21 +26,14 @@ CAM heatmaps
     cyan-green-yellow ramp, visible around every hot spot.  At 3x that is gone.
 
 Grid policy (``grids=``)
-    ``"all"``     a grid for every ok image.
-    ``"none"``    no grids.
-    ``"sample"``  decided per image as it streams past, never revisited: an ok image gets
-                  grids when ANY of
+    ``"all"``, ``"sample"`` or ``"none"``: see :mod:`convlens.reports.gridpolicy`.  With
+    ``"sample"`` the first ``grid_sample`` ok images of the run's input order get grids,
+    and every misclassified or low-confidence one.
 
-                  1. it is among the first ``grid_sample`` ok images this sink has seen
-                     (in the order ``on_batch`` receives them; thumbnails already present in
-                     ``assets/thumbs`` when ``open`` runs count as seen, so a resumed run
-                     continues the count instead of starting a second sample);
-                  2. its record has a ``label_index`` and the top-1 prediction differs
-                     (misclassified);
-                  3. its top-1 probability is below ``LOW_CONFIDENCE`` (0.5).
-
-                  2 and 3 are not capped: a run where a third of the images is wrong gets
-                  grids for that third.
+Resume
+    :meth:`ReportAssetSink.missing` tells the engine which done images lack their
+    thumbnail, a CAM heatmap, or the grids the policy certainly gives them: the engine
+    recomputes those, and the sink writes their files again.
 
 The sink keeps no arrays between calls: everything an outcome holds is rendered and
 dropped inside ``on_batch``.
@@ -58,9 +51,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convlens.engine.contract import ACT_PREFIX
 from convlens.engine.outdir import Record
 from convlens.engine.results import refuse_links
 
+from .gridpolicy import (
+    GRID_POLICIES,
+    GRID_SAMPLE,
+    LOW_CONFIDENCE,
+    GridPolicy,
+    is_low_confidence,
+    is_misclassified,
+    top1,
+)
 from .imaging import (
     CAM_COLORMAP_NAME,
     GRID_COLORMAP_NAME,
@@ -82,6 +85,8 @@ from .imaging import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from convlens.engine.contract import ModelSpec
     from convlens.engine.sinks import ImageOutcome
 
@@ -92,10 +97,16 @@ GRIDS_DIR = "grids"
 CLASS_CAMS_DIR = "class_cams"
 ASSETS_JSON = "assets.json"
 
-GRID_POLICIES = ("all", "sample", "none")
-LOW_CONFIDENCE = 0.5
+__all__ = [
+    "GRID_POLICIES",
+    "GRID_SAMPLE",
+    "LOW_CONFIDENCE",
+    "ReportAssetSink",
+    "is_low_confidence",
+    "is_misclassified",
+    "top1",
+]
 
-GRID_SAMPLE = 50  # grids=sample: the first images of a run that get grids
 GRID_JPEG_QUALITY = 92
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -130,26 +141,17 @@ def grid_file_name(layer: str) -> str:
     return f"{safe_name(layer)}.jpg"
 
 
+def list_dir(path: Path) -> set[str]:
+    """The names in a folder, temporaries (dot names) left out; none when it is not
+    there or cannot be read (a reader of assets shows what it finds)."""
+    try:
+        with os.scandir(path) as it:
+            return {e.name for e in it if not e.name.startswith(".")}
+    except OSError:
+        return set()
+
+
 # ---- the sink ----------------------------------------------------------------------
-def top1(record: Record) -> tuple[int | None, float | None]:
-    """(index, probability) of the record's most probable prediction."""
-    if not record.predictions:
-        return None, None
-    best = max(record.predictions, key=lambda p: p.prob)
-    return best.index, best.prob
-
-
-def is_misclassified(record: Record) -> bool:
-    label = record.label_index
-    idx, _ = top1(record)
-    return label is not None and idx is not None and label != idx
-
-
-def is_low_confidence(record: Record) -> bool:
-    _, prob = top1(record)
-    return prob is not None and prob < LOW_CONFIDENCE
-
-
 #: what the report side writes in OUTDIR: never followed if it is a symbolic link
 REPORT_PATHS = (
     "index.html",
@@ -196,17 +198,13 @@ class ReportAssetSink:
     def __init__(
         self, grids: str = "sample", grid_sample: int = GRID_SAMPLE, thumb_size: int = 256
     ):
-        if grids not in GRID_POLICIES:
-            raise ValueError(f"grids must be one of {', '.join(GRID_POLICIES)}, got {grids!r}")
-        if grid_sample < 0:
-            raise ValueError("grid_sample must be >= 0")
+        self.policy = GridPolicy(grids, grid_sample)  # validates both
         if thumb_size < 16:
             raise ValueError("thumb_size must be >= 16")
         self.grids = grids
         self.grid_sample = int(grid_sample)
         self.thumb_size = int(thumb_size)
         self._root: Path | None = None
-        self._seen_ok = 0
         self._decided: dict[str, bool] = {}  # id -> grids, decided by wants_activations
         #: small counters (no arrays): images, thumbnails, overlays, grid_images, grid_files
         self.counts: dict[str, int] = {}
@@ -236,9 +234,38 @@ class ReportAssetSink:
             (root / sub).mkdir(parents=True, exist_ok=True)
         self._root = root
         self._reset_counters()
-        with os.scandir(root / THUMBS_DIR) as it:
-            self._seen_ok = sum(1 for e in it if e.name.endswith(".jpg"))
         self._write_manifest(final=False)
+
+    def expect(self, order: Sequence[str], done: Mapping[str, Record]) -> None:
+        """The engine, before the first batch: the run's input order and the done ok
+        records (the grid sample is the first ok images of that order)."""
+        self.policy.expect(order, done)
+
+    def missing(
+        self, outdir: Path, spec: ModelSpec, order: Sequence[str], done: Mapping[str, Record]
+    ) -> set[str]:
+        """The engine, on resume: the done records whose thumbnail, CAM heatmaps or
+        certain grids (:meth:`GridPolicy.certain`) are not on disk (``rm -rf assets``,
+        a run with ``--no-report``): recomputed, their files are written again."""
+        root = Path(outdir) / ASSETS_DIR
+        thumbs = list_dir(root / THUMBS_DIR)
+        cam_dirs, grid_dirs = list_dir(root / CAMS_DIR), list_dir(root / GRIDS_DIR)
+        layers = {grid_file_name(o.name.removeprefix(ACT_PREFIX)) for o in spec.activation_outputs}
+        gridded = self.policy.certain(order, done) if layers else set()
+        lacking = set()
+        for rid, rec in done.items():
+            sid = safe_id(rid)
+            cams = {cam_file_name(m, c) for m in rec.cam_methods for c in rec.cam_classes}
+            if (
+                f"{sid}.jpg" not in thumbs
+                or (cams and not (sid in cam_dirs and cams <= list_dir(root / CAMS_DIR / sid)))
+                or (
+                    rid in gridded
+                    and not (sid in grid_dirs and layers <= list_dir(root / GRIDS_DIR / sid))
+                )
+            ):
+                lacking.add(rid)
+        return lacking
 
     def on_batch(self, outcomes: list[ImageOutcome]) -> None:
         if self._root is None:
@@ -260,17 +287,8 @@ class ReportAssetSink:
         return decision
 
     def wants_grids(self, record: Record) -> bool:
-        """Decide (and count) whether this ok record gets activation grids.
-
-        Must be called exactly once per ok image, in stream order.
-        """
-        first_n = self._seen_ok < self.grid_sample
-        self._seen_ok += 1
-        if self.grids == "all":
-            return True
-        if self.grids == "none":
-            return False
-        return first_n or is_misclassified(record) or is_low_confidence(record)
+        """Whether this ok record gets activation grids (the policy's decision)."""
+        return self.policy.decide(record)
 
     # -- work ---------------------------------------------------------------------
     def _one(self, outcome: ImageOutcome) -> None:

@@ -7,12 +7,19 @@ an empty value, a torn last line of results.jsonl is skipped (and counted).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convlens.engine.outdir import RUN_JSON, STATS_JSON, Prediction, Record, read_results
+from convlens.engine.outdir import (
+    STATS_JSON,
+    Prediction,
+    Record,
+    RunDoc,
+    RunJsonError,
+    read_results,
+    read_run_json,
+)
 
 from .assets import (
     ASSETS_DIR,
@@ -22,6 +29,7 @@ from .assets import (
     THUMBS_DIR,
     cam_file_name,
     grid_file_name,
+    list_dir,
     safe_id,
 )
 from .formatting import compress_ranges
@@ -199,28 +207,38 @@ def read_entries(outdir: Path, class_names: list[str]) -> Results:
 
 
 def read_run(outdir: Path, notes: list[str]) -> RunInfo:
-    """run.json: ``model_path`` (or ``model``), ``spec``, ``settings``, ``summary``; any other
-    top-level keys are kept in ``extra``.  Missing (e.g. while a run is going) -> empty."""
-    doc = read_json(outdir / RUN_JSON, notes)
-    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else None
-    names = [str(n) for n in (spec or {}).get("class_names") or []]
-    known = {"model", "model_path", "spec", "settings", "summary", "counts", "timings"}
+    """run.json, through the contract's one reader (``read_run_json``): ``model_path``,
+    ``spec``, ``settings``, ``summary``; other top-level keys are kept in ``extra`` (an
+    older run's ``model``, ``counts`` and ``timings`` are read too).  Missing (e.g. while
+    a run is going) -> empty; damaged -> empty, with a line in ``notes``."""
+    try:
+        doc = read_run_json(outdir) or RunDoc()
+    except RunJsonError as exc:
+        notes.append(f"{exc}; shown without it")
+        doc = RunDoc()
 
     def as_dict(v: Any) -> dict[str, Any]:
         return v if isinstance(v, dict) else {}
 
-    settings = as_dict(doc.get("settings"))
-    model = doc.get("model_path") or doc.get("model") or settings.get("model")
-    summary = {**as_dict(doc.get("counts")), **as_dict(doc.get("summary"))}
+    older = ("model", "counts", "timings")
+    settings = doc.settings
+    model = doc.model_path or doc.extra.get("model") or settings.get("model")
+    summary = {**as_dict(doc.extra.get("counts")), **(doc.summary or {})}
+    extra = {k: v for k, v in doc.extra.items() if k not in older}
+    if doc.fingerprint is not None:
+        extra["fingerprint"] = doc.fingerprint
+    if doc.schema_version is not None:
+        extra["schema_version"] = doc.schema_version
+    spec = doc.spec
     return RunInfo(
         model=None if model is None else str(model),
         spec=spec,
         settings=settings,
         summary=summary,
-        timings=as_dict(doc.get("timings")),
-        extra={k: v for k, v in sorted(doc.items()) if k not in known},
+        timings=as_dict(doc.extra.get("timings")),
+        extra=dict(sorted(extra.items())),
         assets=read_json(outdir / ASSETS_DIR / ASSETS_JSON, notes),
-        class_names=names,
+        class_names=[str(n) for n in (spec or {}).get("class_names") or []],
     )
 
 
@@ -313,14 +331,6 @@ def outputs_table(spec: dict[str, Any] | None) -> list[OutputRow]:
 
 
 # ---- assets present --------------------------------------------------------------
-def list_dir(path: Path) -> set[str]:
-    try:
-        with os.scandir(path) as it:
-            return {e.name for e in it if not e.name.startswith(".")}
-    except OSError:
-        return set()
-
-
 @dataclass
 class AssetIndex:
     """Which per-image asset files and folders exist (one scandir per folder)."""

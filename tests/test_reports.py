@@ -496,9 +496,21 @@ def _outcome(rec: dict[str, Any], rng: np.random.Generator) -> ImageOutcome:
     )
 
 
-def _drive(tmp: Path, grids: str, grid_sample: int, recs: list[dict[str, Any]]) -> set[str]:
+def _drive(
+    tmp: Path,
+    grids: str,
+    grid_sample: int,
+    recs: list[dict[str, Any]],
+    order: list[dict[str, Any]] | None = None,
+) -> set[str]:
+    """The sink over ``recs`` in batches of 3; ``order``: the run's inputs as the engine
+    gives them (``expect``), those not in ``recs`` done already."""
     sink = ReportAssetSink(grids=grids, grid_sample=grid_sample, thumb_size=32)
     sink.open(tmp, _spec(), {})
+    if order is not None:
+        todo = {r["id"] for r in recs}
+        done = [r for r in order if r["id"] not in todo and r["status"] == "ok"]
+        sink.expect([r["id"] for r in order], {r["id"]: Record.from_json(r) for r in done})
     rng = np.random.default_rng(0)
     for s in range(0, len(recs), 3):  # batches of 3
         sink.on_batch([_outcome(r, rng) for r in recs[s : s + 3]])
@@ -546,8 +558,8 @@ def test_fixture_grid_policy_matches_sink(fake: FakeRun) -> None:
 def test_sample_count_continues_on_resume(tmp_path: Path) -> None:
     recs = [_record(i, label=None, top=0, prob=0.9) for i in range(4)]
     assert _drive(tmp_path, "sample", 3, recs[:2]) == {f"{i:016x}" for i in (0, 1)}
-    # a resumed run: two thumbnails exist, so only one more image is in the sample
-    assert _drive(tmp_path, "sample", 3, recs[2:]) == {f"{i:016x}" for i in (0, 1, 2)}
+    # a resumed run: two images are done, so only one more image is in the sample
+    assert _drive(tmp_path, "sample", 3, recs[2:], recs) == {f"{i:016x}" for i in (0, 1, 2)}
 
 
 def test_errors_write_nothing_and_no_temp_files(tmp_path: Path) -> None:
