@@ -17,10 +17,11 @@ place in the run alone.
               grids for that third.
 
 Why the input order and not "the first images this process saw": a killed run resumed,
-whatever it recomputes and in whatever order, then picks exactly the images a clean run
-picks (a count of what was seen, or of thumbnails on disk, counted the images a resume
-recomputed twice).  A sink driven without ``expect`` places images in the order it
-receives them.
+whatever it recomputes, then picks exactly the images a clean run picks (a count of what
+was seen, or of thumbnails on disk, counted the images a resume recomputed twice).  The
+engine streams the images still to do in input order, so when one is decided every
+earlier one is either done or already decided.  A sink driven without ``expect`` places
+images in the order it receives them.
 """
 
 from __future__ import annotations

@@ -286,3 +286,36 @@ def test_grid_sample_after_a_kill_is_the_clean_runs(tmp_path: Path) -> None:
     assert _files(killed, "assets", "images") == _files(clean, "assets", "images")
     for page in sorted((clean / "images").iterdir()):
         assert (killed / "images" / page.name).read_bytes() == page.read_bytes(), page.name
+
+
+def test_grid_policy_is_a_function_of_place_not_of_arrival() -> None:
+    """The sample is the first ok images of the input order (the engine streams the
+    images still to do in that order), asked once or twice; a resume expects grids only
+    where they are certain."""
+    from convlens.engine.outdir import Prediction, Record
+    from convlens.reports.gridpolicy import GridPolicy
+
+    def rec(i: str, prob: float = 0.9) -> Record:
+        return Record(i, i, i, predictions=[Prediction(0, "a", prob)])
+
+    order = ["a", "b", "c", "d", "e"]
+    policy = GridPolicy("sample", 2)
+    policy.expect(order, {})
+    assert [policy.decide(rec(i)) for i in ("a", "a", "b", "c", "b", "d")] == [
+        True,
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]
+    # in order, then as a resume sees it: a and c done (b, d, e still to run)
+    policy = GridPolicy("sample", 2)
+    policy.expect(order, {"a": rec("a"), "c": rec("c")})
+    assert [policy.decide(rec(i)) for i in ("b", "d", "e")] == [True, False, False]
+    done = {"a": rec("a"), "c": rec("c"), "d": rec("d"), "e": rec("e", prob=0.2)}
+    # b may fail (then c is among the first two ok) or not: only a is certain, and e
+    # (low confidence) whatever its place
+    assert policy.certain(order, done) == {"a", "e"}
+    assert GridPolicy("all", 0).certain(order, done) == set(done)
+    assert GridPolicy("none", 9).certain(order, done) == set()
