@@ -215,7 +215,12 @@ RUN_SCHEMA_VERSION = 1
 
 class RunJsonError(ValueError):
     """run.json is there but is not a run's document: it cannot be read, is not JSON, or
-    is not a JSON object.  ``str(e)`` is one line naming the file and what is wrong."""
+    is not a JSON object.  ``str(e)`` is one line: the file's path and ``reason``."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} {reason}")
+        self.path = path
+        self.reason = reason  # e.g. "is damaged (a JSON list, not an object)"
 
 
 @dataclass
@@ -274,11 +279,12 @@ def read_run_json(outdir: Path) -> RunDoc | None:
     try:
         doc = json.loads(path.read_bytes())
     except OSError as exc:
-        raise RunJsonError(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from exc
+        reason = exc.strerror or type(exc).__name__
+        raise RunJsonError(path, f"cannot be read ({reason})") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise RunJsonError(f"{path} is damaged (not JSON: {type(exc).__name__})") from exc
+        raise RunJsonError(path, f"is damaged (not JSON: {type(exc).__name__})") from exc
     if not isinstance(doc, dict):
-        raise RunJsonError(f"{path} is damaged (a JSON {_kind(doc)}, not an object)")
+        raise RunJsonError(path, f"is damaged (a JSON {_kind(doc)}, not an object)")
     return RunDoc.from_json(doc)
 
 

@@ -214,7 +214,7 @@ def read_run(outdir: Path, notes: list[str]) -> RunInfo:
     try:
         doc = read_run_json(outdir) or RunDoc()
     except RunJsonError as exc:
-        notes.append(f"{exc}; shown without it")
+        notes.append(f"{exc.path.name} {exc.reason}; shown without it")
         doc = RunDoc()
 
     def as_dict(v: Any) -> dict[str, Any]:

@@ -170,10 +170,11 @@ def test_one_reader_of_run_json(clean_run: Path, tmp_path: Path) -> None:
         notes.clear()
         info = read_run(out, notes)
         assert info.spec is None and info.summary == {}
-        assert notes == [f"{err.value}; shown without it"]
+        assert notes == [f"run.json {err.value.reason}; shown without it"]
         r = CliRunner().invoke(main, ["report", str(out)])
         assert r.exit_code == 0, r.output
-        assert str(err.value).split("/")[-1] in (out / "model.html").read_text()
+        for page in ("index.html", "model.html"):
+            assert notes[0] in (out / page).read_text(), page
 
 
 # ---------------------------------------------------------------- 14.10: shards
