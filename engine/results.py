@@ -11,7 +11,7 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,13 @@ _serial = itertools.count()
 
 
 def atomic_write_bytes(
-    path: str | os.PathLike[str], data: bytes | Sequence[bytes], *, durable: bool = True
+    path: str | os.PathLike[str],
+    data: bytes | Iterable[bytes | memoryview],
+    *,
+    durable: bool = True,
 ) -> None:
-    """Write ``data`` (bytes, or a sequence of chunks written one after another) to a dot-prefixed temporary name next to ``path``, then
+    """Write ``data`` (bytes, or chunks written one after another as an iterable gives
+    them) to a dot-prefixed temporary name next to ``path``, then
     ``os.replace`` it: readers see the old file or the new one, never a part.  The one
     atomic writer of the project (engine and report alike).
 
@@ -75,6 +79,23 @@ def atomic_write_bytes(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def append_and_replace(
+    src: str | os.PathLike[str], data: bytes, dst: str | os.PathLike[str]
+) -> None:
+    """Append ``data`` to ``src`` (a file this process wrote with
+    :func:`atomic_write_bytes` under a name of its own), make it durable, and rename it
+    to ``dst``: readers of ``dst`` see the old file or the whole new one."""
+    fd = os.open(os.fspath(src), os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(src, dst)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

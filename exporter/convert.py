@@ -2,16 +2,16 @@
 
 The function is frozen to a GraphDef with its larger weights held out (tf2onnx copies
 every constant many times over while it optimises); after conversion the held-out
-weights and any eagerly computed constants a layer captured come back as initializers,
-their layout ops are folded once with numpy, byte-identical initializers are merged,
-and the graph's inputs are checked to be the image and targets only.
+weights stay references to their variables (:mod:`.weights`) until the file is
+written, with their layout ops folded into them; eagerly computed constants a layer
+captured become initializers; byte-identical weights are merged; and the graph's inputs
+are checked to be the image and targets only.
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,11 +19,24 @@ import numpy as np
 from convlens.engine import contract as C
 
 from .errors import ExportError
+from .weights import HELD_OUT_ELEMENTS, Deferred, dedupe, fold_layouts, variable_reader
 
 OPSET = 17
 
 
-def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
+@dataclass
+class Converted:
+    """The converted graph and its weights not yet read (they enter the file when
+    :func:`.weights.stream_model` writes it)."""
+
+    proto: Any
+    deferred: dict[str, Deferred] = field(default_factory=dict)
+
+    def dedupe(self) -> int:
+        return dedupe(self.proto, self.deferred)
+
+
+def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Converted:
     """tf2onnx conversion, graph outputs renamed to ``names`` (in order)."""
     try:
         import tf2onnx
@@ -56,8 +69,8 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
             "tf2onnx cannot convert these TensorFlow ops: "
             + "; ".join(f"{op} (in {', '.join(where[:3])})" for op, where in unconverted.items())
         )
-    fold_captured_inputs(model_proto, concrete, held)
-    fold_weight_layouts(model_proto)
+    deferred = fold_captured_inputs(model_proto, concrete, held)
+    fold_layouts(model_proto, deferred)
     graph = model_proto.graph
     if len(graph.output) != len(names):
         raise ExportError(
@@ -74,29 +87,25 @@ def convert(tf: Any, fn: Any, sig: list[Any], names: list[str]) -> Any:
     for o in graph.output:
         o.name = rename[o.name]
     _name_dynamic_dims(graph)
-    dedupe_initializers(model_proto)
-    return model_proto
-
-
-HELD_OUT_ELEMENTS = 1 << 16  # weights this large bypass tf2onnx (64K floats, 256 KB)
+    converted = Converted(model_proto, deferred)
+    converted.dedupe()
+    return converted
 
 
 def _frozen_graph_def(
     tf: Any, concrete: Any
-) -> tuple[Any, list[str], list[str], dict[str, np.ndarray]]:
+) -> tuple[Any, list[str], list[str], dict[str, Deferred]]:
     """The concrete function's GraphDef with its variables' values put in, each once.
 
     Each variable's ReadVariableOp becomes a Const (small weights, which tf2onnx folds
     into the ops that use them) or a Placeholder held out of tf2onnx (weights of 64K
     values or more, which tf2onnx would copy many times over while it optimises; a
-    200 MB VGG16 took 10 GB).  A held-out weight is the variable's own buffer, put
-    back as one initializer after conversion.  Reading the values straight from the
+    200 MB VGG16 took 10 GB).  A held-out weight is a :class:`Deferred` read of the
+    variable, its values read only as the file is written.  Reading the values straight from the
     variables, rather than through TensorFlow's ``convert_variables_to_constants_v2``,
     keeps freezing from holding several copies of the weights (ConvNeXtTiny's 106 MB
     took 1 GB more); graphs that use variables in other ways still go through it.
     """
-    from tensorflow.python.ops import gen_resource_variable_ops
-
     graph_def = concrete.graph.as_graph_def(add_shapes=True)
     explicit = len(concrete.inputs) - len(concrete.captured_inputs)
     handles = {
@@ -114,7 +123,7 @@ def _frozen_graph_def(
         return _converted_graph_def(tf, concrete)
     first: dict[str, str] = {}  # variable handle -> the read kept
     alias: dict[str, str] = {}  # a second read of the same variable -> the first
-    held: dict[str, np.ndarray] = {}
+    held: dict[str, Deferred] = {}
     for node in reads:
         handle = node.input[0]
         if handle in first:
@@ -122,9 +131,9 @@ def _frozen_graph_def(
             continue
         first[handle] = node.name
         dtype = node.attr["dtype"].type
-        value = gen_resource_variable_ops.read_variable_op(
-            handles[handle], tf.dtypes.as_dtype(dtype)
-        ).numpy()
+        tf_dtype = tf.dtypes.as_dtype(dtype)
+        read = variable_reader(tf, handles[handle], tf_dtype)
+        value = read()  # a view of the variable's buffer, not a copy
         shapes = tf.compat.v1.AttrValue()
         if "_output_shapes" in node.attr:
             shapes.CopyFrom(node.attr["_output_shapes"])
@@ -133,7 +142,9 @@ def _frozen_graph_def(
         node.attr["dtype"].type = dtype
         if value.size >= HELD_OUT_ELEMENTS:
             node.op = "Placeholder"
-            held[f"{node.name}:0"] = value
+            held[f"{node.name}:0"] = Deferred(
+                read, value.dtype, value.shape, key=id(handles[handle])
+            )
             node.attr["shape"].shape.CopyFrom(tf.TensorShape(value.shape).as_proto())
         else:
             node.op = "Const"
@@ -156,7 +167,7 @@ def _frozen_graph_def(
 
 def _converted_graph_def(
     tf: Any, concrete: Any
-) -> tuple[Any, list[str], list[str], dict[str, np.ndarray]]:
+) -> tuple[Any, list[str], list[str], dict[str, Deferred]]:
     """:func:`_frozen_graph_def` through TensorFlow's own freezing, for graphs that
     use their variables other than by plain reads (nested functions)."""
     from tensorflow.python.framework.convert_to_constants import (
@@ -167,14 +178,15 @@ def _converted_graph_def(
         concrete, lower_control_flow=False, aggressive_inlining=True
     )
     graph_def = frozen.graph.as_graph_def(add_shapes=True)
-    held: dict[str, np.ndarray] = {}
+    held: dict[str, Deferred] = {}
     for node in graph_def.node:
         if node.op != "Const":
             continue
         dims = [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
         if int(np.prod(dims)) < HELD_OUT_ELEMENTS:
             continue
-        held[f"{node.name}:0"] = tf.make_ndarray(node.attr["value"].tensor)
+        value = tf.make_ndarray(node.attr["value"].tensor)
+        held[f"{node.name}:0"] = Deferred.of(value)
         dtype = node.attr["dtype"].type
         node.op = "Placeholder"
         node.attr.clear()
@@ -185,86 +197,29 @@ def _converted_graph_def(
     return graph_def, inputs, outputs, held
 
 
-def fold_weight_layouts(model_proto: Any) -> int:
-    """Fold the layout ops tf2onnx put on held-out weights (Transpose HWIO -> OIHW,
-    Reshape, Squeeze, Unsqueeze, Identity) into new initializers, once, with numpy;
-    initializers left unused are dropped.  Returns how many nodes were folded."""
-    from onnx import numpy_helper
-
-    graph = model_proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    readers = collections.Counter(n for node in graph.node for n in node.input)
-    folded = 0
-    changed = True
-    while changed:
-        changed = False
-        for node in list(graph.node):
-            if node.op_type not in ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity"):
-                continue
-            if not node.input or not all(n in inits for n in node.input if n):
-                continue
-            if node.output[0] in outputs:
-                continue
-            x = numpy_helper.to_array(inits[node.input[0]])
-            attrs = {a.name: a for a in node.attribute}
-            if node.op_type == "Transpose":
-                perm = list(attrs["perm"].ints) if "perm" in attrs else None
-                y = np.ascontiguousarray(np.transpose(x, perm))
-            elif node.op_type == "Reshape":
-                shape = numpy_helper.to_array(inits[node.input[1]]).tolist()
-                y = x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
-            elif node.op_type in ("Squeeze", "Unsqueeze"):
-                if len(node.input) > 1:
-                    axes = numpy_helper.to_array(inits[node.input[1]]).tolist()
-                else:
-                    axes = list(attrs["axes"].ints)
-                y = np.squeeze(x, tuple(axes)) if node.op_type == "Squeeze" else x
-                if node.op_type == "Unsqueeze":
-                    for ax in sorted(a % (x.ndim + len(axes)) for a in axes):
-                        y = np.expand_dims(y, ax)
-            else:
-                y = x
-            new = numpy_helper.from_array(y.astype(x.dtype, copy=False), node.output[0])
-            del x, y
-            graph.initializer.append(new)
-            inits[new.name] = new
-            graph.node.remove(node)
-            for name in node.input:  # an initializer nothing else reads goes now, not
-                readers[name] -= 1  # at the end, so that two copies are never held
-                if name and name in inits and readers[name] <= 0 and name not in outputs:
-                    graph.initializer.remove(inits.pop(name))
-            folded += 1
-            changed = True
-    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
-    keep = [i for i in graph.initializer if i.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    return folded
-
-
 def fold_captured_inputs(
-    model_proto: Any, concrete: Any, held: dict[str, np.ndarray] | None = None
-) -> None:
-    """Make every graph input other than the image and targets an initializer.
+    model_proto: Any, concrete: Any, held: dict[str, Deferred] | None = None
+) -> dict[str, Deferred]:
+    """Take every graph input other than the image and targets out of the inputs.
 
-    ``held`` are the weights :func:`_frozen_graph_def` kept away from tf2onnx; each
-    leaves the dict as it becomes an initializer, so that only one copy is ever held.
-    tf2onnx turns tensors a tf.function captured from eager code (a Normalization
-    layer's mean and variance) into extra graph inputs that nobody can feed; their
-    values are the concrete function's captured inputs.  Anything else left over is
+    ``held`` are the weights :func:`_frozen_graph_def` kept away from tf2onnx: they
+    are returned, by their names in the graph, still unread.  tf2onnx turns tensors a
+    tf.function captured from eager code (a Normalization layer's mean and variance)
+    into extra graph inputs that nobody can feed; their values are the concrete
+    function's captured inputs, and become initializers.  Anything else left over is
     named, with the layer it belongs to.
     """
     from onnx import numpy_helper
 
     graph = model_proto.graph
+    held = held or {}
     wanted = {C.IN_IMAGE, C.IN_TARGETS}
     extra = [i for i in graph.input if i.name not in wanted]
+    deferred: dict[str, Deferred] = {}
     if not extra:
-        return
+        return deferred
     explicit = len(concrete.inputs) - len(concrete.captured_inputs)
-    values: dict[str, np.ndarray] = held if held is not None else {}
+    values: dict[str, np.ndarray] = {}
     for inner, outer in zip(concrete.inputs[explicit:], concrete.captured_inputs, strict=True):
         if outer.dtype.name == "resource":
             continue
@@ -276,48 +231,22 @@ def fold_captured_inputs(
             consumers.setdefault(name, []).append(node.name)
     leaked = []
     for vi in extra:
+        weight = held.get(vi.name)
         value = values.get(vi.name, values.get(vi.name.split(":")[0]))
-        if value is None:
+        if weight is not None:
+            deferred[vi.name] = weight
+        elif value is not None:
+            graph.initializer.append(numpy_helper.from_array(value, vi.name))
+        else:
             where = consumers.get(vi.name, [vi.name])
             leaked.append(f"{vi.name} (used by {_layer_of(where[0])})")
             continue
-        graph.initializer.append(numpy_helper.from_array(value, vi.name))
         graph.input.remove(vi)
-        values.pop(vi.name, None)  # the initializer is now the only copy we hold
-        del value
     if leaked:
         raise ExportError(
             "the converted graph needs inputs other than the image: " + "; ".join(leaked)
         )
-
-
-def dedupe_initializers(model_proto: Any) -> int:
-    """Merge byte-identical initializers (the backward rules embed a second copy of a
-    dense kernel the forward pass already holds).  Returns how many were dropped."""
-    from onnx import numpy_helper
-
-    graph = model_proto.graph
-    first: dict[tuple[Any, ...], str] = {}
-    alias: dict[str, str] = {}
-    keep = []
-    for init in graph.initializer:
-        arr = numpy_helper.to_array(init)
-        key = (arr.dtype.str, arr.shape, hashlib.sha1(arr.tobytes()).hexdigest())
-        if key in first:
-            alias[init.name] = first[key]
-        else:
-            first[key] = init.name
-            keep.append(init)
-    if not alias:
-        return 0
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    graph_inputs = {i.name for i in graph.input}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in alias and name not in graph_inputs:
-                node.input[i] = alias[name]
-    return len(alias)
+    return deferred
 
 
 def unconverted_ops(model_proto: Any) -> dict[str, list[str]]:

@@ -23,10 +23,10 @@ from convlens import __version__
 from convlens.engine import contract as C
 from convlens.engine.cams import availability
 from convlens.engine.inspect import dims
-from convlens.engine.results import atomic_write_bytes
+from convlens.engine.results import append_and_replace, atomic_write_bytes
 
 from .build import make_function, output_names, probe_gradients
-from .convert import add_constant_output, convert, dedupe_initializers
+from .convert import add_constant_output, convert
 from .errors import ExportError
 from .families import default_preprocess, recognise
 from .loading import load_keras_model
@@ -34,6 +34,7 @@ from .parity import check_parity, parity_inputs
 from .plan import Plan, make_plan
 from .tfenv import import_tf
 from .trace import Recorder
+from .weights import stream_model
 
 DEFAULT_TOLERANCE = 1e-3  # on max |onnx - reference| / max(1, max |reference|)
 
@@ -156,6 +157,7 @@ def export_loaded(
     t0 = time.perf_counter() if t0 is None else t0
     tf, keras = import_tf()
     out = Path(out_path)
+    unchecked = out.with_name(f".{out.name}.{os.getpid()}.unchecked")  # before parity
     inp = _input_spec(model)
     recorder = Recorder(model)
     try:
@@ -170,25 +172,30 @@ def export_loaded(
             tf, model, recorder, plan, (inp.height, inp.width, inp.channels), with_grads
         )
         names = output_names(plan, with_grads)
-        proto = convert(tf, fn, sig, names)
+        converted = convert(tf, fn, sig, names)
+        proto = converted.proto
         if plan.cam_weights is not None and plan.cam_bias is not None:
             add_constant_output(proto, C.OUT_CAM_WEIGHTS, plan.cam_weights)
             add_constant_output(proto, C.OUT_CAM_BIAS, plan.cam_bias)
-            dedupe_initializers(proto)  # the CAM weights are the dense kernel itself
+            converted.dedupe()  # the CAM weights are the dense kernel itself
         spec = _spec(plan, inp, pre, class_names, proto, source_path, keras, tf)
         spec.source["preprocess_reason"] = pre_reason
         found = recognise(model)
         spec.source["family"] = found[0].name if found else None
         images, source = parity_inputs(calibration, inp, pre, n_calibration, seed)
-        # serialized once: the parity session reads these bytes and they are the file
-        # (the metadata, which holds the parity, is appended as a second message)
         proto.producer_name, proto.producer_version = "convlens", __version__
         del proto.metadata_props[:]
-        model_bytes = proto.SerializeToString()
-        del proto
+        # the weights are read from the variables as they are written, one at a time;
+        # the parity session reads that file, which then gets the metadata (holding the
+        # parity) appended as a second message and takes its final name
+        atomic_write_bytes(unchecked, stream_model(proto, converted.deferred), durable=False)
+        del proto, converted
         parity = check_parity(
-            tf, model, recorder, plan, fn, model_bytes, images, with_grads, tolerance
+            tf, model, recorder, plan, fn, str(unchecked), images, with_grads, tolerance
         )
+    except BaseException:
+        unchecked.unlink(missing_ok=True)
+        raise
     finally:
         recorder.restore()
     parity.update(source=source, tolerance=tolerance)
@@ -198,17 +205,20 @@ def export_loaded(
         if out.suffix != ".onnx"
         else out.with_suffix(".parity.json")
     )
-    atomic_write_bytes(parity_path, json.dumps(parity, indent=2, sort_keys=True).encode())
-    if not parity["passed"]:
-        failed = {n: parity["outputs"][n] for n in parity["failed"]}
-        bad = max(failed.items(), key=lambda kv: kv[1]["score"])
-        noise = bad[1].get("reference_noise", 0.0)
-        raise ExportError(
-            f"parity check failed: output {bad[0]} differs from Keras by {bad[1]['max_abs']:.3g} "
-            f"(relative {bad[1]['score']:.3g} > tolerance {tolerance:g}, TensorFlow's own "
-            f"noise {noise:.2g}); details in {parity_path}"
-        )
-    atomic_write_bytes(out, [model_bytes, _metadata_bytes(spec)])
+    try:
+        atomic_write_bytes(parity_path, json.dumps(parity, indent=2, sort_keys=True).encode())
+        if not parity["passed"]:
+            failed = {n: parity["outputs"][n] for n in parity["failed"]}
+            bad = max(failed.items(), key=lambda kv: kv[1]["score"])
+            noise = bad[1].get("reference_noise", 0.0)
+            raise ExportError(
+                f"parity check failed: output {bad[0]} differs from Keras by "
+                f"{bad[1]['max_abs']:.3g} (relative {bad[1]['score']:.3g} > tolerance "
+                f"{tolerance:g}, TensorFlow's own noise {noise:.2g}); details in {parity_path}"
+            )
+        append_and_replace(unchecked, _metadata_bytes(spec), out)
+    finally:
+        unchecked.unlink(missing_ok=True)
     return ExportResult(
         path=out,
         parity_path=parity_path,
@@ -232,10 +242,10 @@ def export_plain(model_path: str | Path, out_path: str | Path) -> Path:
         fn, sig = make_function(
             tf, model, recorder, plan, (inp.height, inp.width, inp.channels), False, plain=True
         )
-        proto = convert(tf, fn, sig, [C.OUT_PREDICTIONS])
+        converted = convert(tf, fn, sig, [C.OUT_PREDICTIONS])
+        atomic_write_bytes(Path(out_path), stream_model(converted.proto, converted.deferred))
     finally:
         recorder.restore()
-    atomic_write_bytes(Path(out_path), proto.SerializeToString())
     return Path(out_path)
 
 
