@@ -1,15 +1,25 @@
 """Image formats as a table: signature, extensions and header reader, each once.
 
-:func:`sniff` reads a file's format and size from its first bytes, in pure Python, so
-decompression bombs are refused before any decoder allocates (the guard in
-:func:`convlens.engine.images.decode_image`).
+:func:`sniff` reads a file's format and the size its decoder will allocate from its
+headers (read to their end), in pure Python, so decompression bombs are refused before
+any decoder allocates (the guard in :func:`convlens.engine.images.decode_image`).  No
+installed library reads every variant here (Pillow, a test dependency only, has no
+36-byte or 16-byte DIB, no HDR, and takes AVIF's size from ``ispe``), hence these.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .isobmff import avif_size, j2k_siz, jp2_size
+
+#: Pillow's default decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` =
+#: ``int(1024 * 1024 * 1024 // 4 // 3)`` = 178,956,970 pixels, about 179 Mpx, i.e. a
+#: 0.5 GiB RGB buffer).  Images with more pixels are refused before decoding.
+DEFAULT_MAX_PIXELS = 178_956_970
 
 
 @dataclass(frozen=True)
@@ -19,12 +29,16 @@ class Header:
     ``width``/``height`` are ``None`` when the format was recognised but its size could
     not be read (e.g. a cut-off header).  ``jpeg_scan`` is the offset of the first
     start-of-scan marker of a JPEG (``None`` if there is none before the data ends).
+    ``stated`` is the container's own ``(width, height)`` where it disagrees with the
+    size of the data inside (a lie: the file is corrupt); ``width``/``height`` are then
+    the data's, the size its decoder allocates.
     """
 
     format: str
     width: int | None = None
     height: int | None = None
     jpeg_scan: int | None = None
+    stated: tuple[int, int] | None = None
 
 
 _JPEG_SOF = frozenset(
@@ -95,7 +109,7 @@ def _sniff_tiff(d: bytes) -> Header:
 def _pnm_tokens(d: bytes, count: int) -> list[int]:
     """The first ``count`` integers after the 2-byte magic of a PNM/PFM header."""
     out: list[int] = []
-    i, n = 2, min(len(d), 4096)
+    i, n = 2, len(d)  # comments may make a header of any length: scan to its end
     while len(out) < count and i < n:
         c = d[i]
         if c == 0x23:  # comment to end of line
@@ -117,10 +131,9 @@ def _pnm_tokens(d: bytes, count: int) -> list[int]:
 
 def _sniff_pam(d: bytes) -> Header:
     w = h = None
-    for line in d[:4096].split(b"\n")[1:]:
+    end = d.find(b"ENDHDR")  # the header ends there, however long its comments
+    for line in d[: end if end >= 0 else len(d)].split(b"\n")[1:]:
         parts = line.split()
-        if parts[:1] == [b"ENDHDR"]:
-            break
         if len(parts) == 2 and parts[0] == b"WIDTH":
             w = int(parts[1])
         elif len(parts) == 2 and parts[0] == b"HEIGHT":
@@ -128,62 +141,43 @@ def _sniff_pam(d: bytes) -> Header:
     return Header("PAM", w, h)
 
 
+_HDR_SIZE = re.compile(rb"\s*-Y\s*([+-]?\d+)\s*\+X\s*([+-]?\d+)")
+
+
 def _sniff_hdr(d: bytes) -> Header:
-    end = d.find(b"\n\n", 0, 65536)
-    if end < 0:
+    """OpenCV's reader (``RGBE_ReadHeader``) takes header lines up to the first blank
+    one, however many, then ``-Y <height> +X <width>``: the header is scanned to its end."""
+    end = d.find(b"\n\n")
+    m = _HDR_SIZE.match(d, end + 2, end + 2 + 128) if end >= 0 else None
+    if m is None:
         return Header("HDR")
-    line = d[end + 2 : d.find(b"\n", end + 2, end + 128)].split()
-    if len(line) != 4:
-        return Header("HDR")
-    vals = {line[0][1:2]: int(line[1]), line[2][1:2]: int(line[3])}
-    return Header("HDR", vals.get(b"X"), vals.get(b"Y"))
+    return Header("HDR", abs(int(m.group(2))), abs(int(m.group(1))))
 
 
-def _iter_boxes(d: bytes, start: int, end: int) -> list[tuple[bytes, int, int]]:
-    """ISO-BMFF boxes ``(type, payload_start, box_end)`` between ``start`` and ``end``."""
-    boxes = []
-    i = start
-    while i + 8 <= end:
-        size, typ = struct.unpack_from(">I4s", d, i)
-        head = 8
-        if size == 1:
-            if i + 16 > end:
-                break
-            (size,) = struct.unpack_from(">Q", d, i + 8)
-            head = 16
-        elif size == 0:
-            size = end - i
-        if size < head:
-            break
-        boxes.append((typ, i + head, min(i + size, end)))
-        i += size
-    return boxes
+def _checked(fmt: str, stated: tuple[int, int] | None, data: tuple[int, int]) -> Header:
+    """The data's size; the container's too when it claims a smaller image."""
+    lie = stated is not None and stated[0] * stated[1] < data[0] * data[1]
+    return Header(fmt, *data, stated=stated if lie else None)
 
 
 def _sniff_jp2(d: bytes) -> Header:
-    for typ, p, e in _iter_boxes(d, 0, len(d)):
-        if typ == b"jp2h":
-            for t2, p2, _e2 in _iter_boxes(d, p, e):
-                if t2 == b"ihdr" and p2 + 8 <= len(d):
-                    h, w = struct.unpack_from(">II", d, p2)
-                    return Header("JPEG 2000", w, h)
-    return Header("JPEG 2000")
+    """The codestream's SIZ size is what OpenJPEG allocates (``ihdr`` if none)."""
+    ihdr, siz = jp2_size(d)
+    if siz is None:
+        return Header("JPEG 2000", *(ihdr or (None, None)))
+    return _checked("JPEG 2000", ihdr, siz)
 
 
 def _sniff_avif(d: bytes) -> Header:
-    """Largest ``ispe`` (image spatial extent) property inside the ``meta`` box."""
-    best: tuple[int, int] | None = None
-    for typ, p, e in _iter_boxes(d, 0, len(d)):
-        if typ != b"meta":
-            continue
-        j = d.find(b"ispe", p, e)
-        while j >= 4:
-            if j + 16 <= e and struct.unpack_from(">I", d, j - 4)[0] == 20:
-                w, h = struct.unpack_from(">II", d, j + 8)
-                if best is None or w * h > best[0] * best[1]:
-                    best = (w, h)
-            j = d.find(b"ispe", j + 4, e)
-    return Header("AVIF", *(best if best else (None, None)))
+    """The AV1 sequence header's frame size is what dav1d allocates; ``ispe`` counts
+    where it is larger (libavif's output; a grid of tiles).  No size when no sequence
+    header was found: the size the decoder would use is unknown."""
+    ispe, seq = avif_size(d)
+    if seq is None:
+        return Header("AVIF")
+    if ispe is not None and ispe[0] * ispe[1] >= seq[0] * seq[1]:
+        return Header("AVIF", *ispe)
+    return _checked("AVIF", ispe, seq)
 
 
 def _png(d: bytes) -> Header:
@@ -201,12 +195,15 @@ def _gif(d: bytes) -> Header:
 
 
 def _bmp(d: bytes) -> Header:
+    """Every DIB header variant: the 12-byte OS/2 1.x core header stores 16-bit sizes;
+    all others (16 and 64-byte OS/2 2.x, 36-byte, 40/52/56/108/124-byte Windows, and any
+    other length OpenCV accepts) store signed 32-bit ones (negative height: top-down)."""
     if len(d) >= 18:
         (dib,) = struct.unpack_from("<I", d, 14)
         if dib == 12 and len(d) >= 22:
             w, h = struct.unpack_from("<HH", d, 18)
             return Header("BMP", w, h)
-        if dib >= 40 and len(d) >= 26:
+        if dib >= 16 and len(d) >= 26:
             w, h = struct.unpack_from("<ii", d, 18)
             return Header("BMP", abs(w), abs(h))
     return Header("BMP")
@@ -229,7 +226,7 @@ def _webp(d: bytes) -> Header:
 
 def _pnm(d: bytes) -> Header:
     wh = _pnm_tokens(d, 2)
-    return Header("PNM", *wh) if len(wh) == 2 else Header("PNM")
+    return Header("PNM", wh[0], wh[1]) if len(wh) == 2 else Header("PNM")
 
 
 def _sun(d: bytes) -> Header:
@@ -240,10 +237,7 @@ def _sun(d: bytes) -> Header:
 
 
 def _j2k(d: bytes) -> Header:
-    if len(d) >= 24:
-        xs, ys, xo, yo = struct.unpack_from(">IIII", d, 8)
-        return Header("JPEG 2000", xs - xo, ys - yo)
-    return Header("JPEG 2000")
+    return Header("JPEG 2000", *(j2k_siz(d) or (None, None)))
 
 
 @dataclass(frozen=True)
@@ -310,8 +304,9 @@ def sniff(d: bytes) -> Header | None:
     Formats and where the size is: PNG (IHDR), JPEG (first SOFn marker, walking the
     segments), GIF (logical screen), BMP (DIB header; negative height = top-down), WebP
     (``VP8 ``/``VP8L``/``VP8X`` chunk), TIFF/BigTIFF (first IFD, tags 256/257), PNM/PFM/PAM
-    (text header), Sun raster, Radiance HDR (resolution line), JPEG 2000 (``ihdr`` box or
-    codestream SIZ marker), AVIF (``ispe`` property).  Returns ``None`` for anything else;
+    (text header, read to its end), Sun raster, Radiance HDR (resolution line after the
+    header, however long), JPEG 2000 (codestream SIZ marker; ``ihdr`` box too), AVIF
+    (AV1 sequence header; ``ispe`` too).  Returns ``None`` for anything else;
     a recognised format whose header is malformed gives its name without a size.  Never
     raises on malformed input.
     """
