@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .images import ImageError, Preprocessor, read_image
+from .images import ImageError, Preprocessor, read_image, silence_opencv_logging
 from .outdir import Record
 from .plan import RunPlan
 from .results import image_id
@@ -75,6 +75,9 @@ class DecodePool:
         self.plan = plan
         self.keep_images = keep_images  # a sink wants the decoded photo
         self.pre = Preprocessor(plan.spec.input, plan.spec.preprocess)
+        # every bad input becomes one record and one line: OpenCV's own warnings about
+        # it would be a second (codec libraries' messages are captured by read_image)
+        silence_opencv_logging()
 
     def decode(self, index: int, path: Path, roots: list[Path]) -> Decoded:
         plan = self.plan

@@ -8,8 +8,9 @@ Three steps, each usable on its own:
 
 ``read_image(path)``
     Reads the file's bytes once, checks them (empty file, decompression-bomb guard from a
-    small pure-Python header reader, truncation of JPEG/PNG), decodes with
-    ``cv2.imdecode`` and returns the original image as RGB ``uint8`` ``(H, W, 3)`` at its
+    small pure-Python header reader of the size each decoder really allocates), decodes
+    with ``cv2.imdecode`` (:mod:`convlens.engine.codec`: OpenCV's own pixel cap, what the
+    codec libraries print kept off the terminal, libjpeg's damage warnings) and returns the original image as RGB ``uint8`` ``(H, W, 3)`` at its
     own size with the EXIF orientation applied.  Failures raise :class:`ImageError` whose
     ``str`` is a one-line reason suitable for ``results.jsonl``.
 
@@ -20,15 +21,21 @@ Three steps, each usable on its own:
 OpenCV 5.0 behaviour this module relies on (checked by ``tests/test_images.py``):
 
 * ``IMREAD_COLOR_RGB | IMREAD_ANYDEPTH`` returns 3-channel RGB directly (except for
-  16-bit RGB TIFF, where it returns stale memory: deeper-than-8-bit colour images are
+  16-bit RGB TIFF, where it returns stale memory: deeper-than-8-bit colour TIFFs are
   decoded again through the BGR path) (grayscale is
   replicated, alpha is dropped, palettes are expanded), keeps 16-bit and float depth and
   applies the EXIF orientation for JPEG, PNG (``eXIf``), WebP and TIFF exactly like
   ``PIL.ImageOps.exif_transpose``.  ``IMREAD_UNCHANGED`` would *not* apply the orientation.
 * Truncated JPEG, PNG, WebP, TIFF, BMP and GIF data make ``imdecode`` return ``None``
-  (OpenCV 4.x decoded truncated JPEGs partially); the JPEG end-of-image and PNG ``IEND``
-  checks below make truncation an error whatever the OpenCV version and avoid libpng's
-  message on stderr.
+  (OpenCV 4.x decoded truncated JPEGs partially).  A JPEG cut mid-scan and followed by
+  an end-of-image marker (or with garbage in its scan) decodes "successfully" with the
+  rest grey: only libjpeg's warning on C's ``stderr`` tells, and it is what counts
+  (``truncated or corrupt image data (JPEG decoder: ...)``).  A PNG without ``IEND``
+  is refused before decoding, which also spares libpng's message.
+* ``OPENCV_IO_MAX_IMAGE_PIXELS``, read when cv2 loads, caps every decode at the
+  header-stated size (``convlens.engine`` sets it to :data:`DEFAULT_MAX_PIXELS` before
+  any of its modules imports cv2): the guard for formats and header variants the
+  sniffer does not read.
 * OpenEXR is not compiled into the ``opencv-python-headless`` 5.0 wheels, so ``.exr`` is
   not in :data:`IMAGE_EXTENSIONS`.
 """
@@ -42,9 +49,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .codec import BUDGET, DECODE_CAP_PIXELS, ImageError, captures_native, decode_guarded
 from .contract import InputSpec, Preprocess
 from .discovery import Discovery, discover, file_kind, is_image_name
-from .formats import FORMATS, IMAGE_EXTENSIONS, Header, sniff
+from .formats import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_EXTENSIONS, Header, sniff
 
 # discovery and formats live in their own modules; their names are re-exported here
 __all__ = [
@@ -63,19 +71,6 @@ __all__ = [
     "read_image",
     "sniff",
 ]
-
-#: Pillow's default decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` =
-#: ``int(1024 * 1024 * 1024 // 4 // 3)`` = 178,956,970 pixels, about 179 Mpx, i.e. a
-#: 0.5 GiB RGB buffer).  Images with more pixels are refused before decoding.
-DEFAULT_MAX_PIXELS = 178_956_970
-
-#: ``imdecode`` flags: RGB output (no BGR->RGB pass), 16-bit/float depth kept, EXIF
-#: orientation applied by OpenCV.
-_DECODE_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH
-
-
-class ImageError(Exception):
-    """An input that cannot be used; ``str(e)`` is a one-line reason."""
 
 
 def _too_large(w: int, h: int, max_pixels: int) -> ImageError:
@@ -129,9 +124,40 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
         # x / 257 is never exactly k + 0.5 for integer x, so the rounding is unambiguous
         return cv2.convertScaleAbs(img, alpha=1.0 / 257.0)
     if img.dtype in (np.float32, np.float64):
-        f = np.nan_to_num(img.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
-        return cv2.convertScaleAbs(np.clip(f, 0.0, 1.0), alpha=255.0)
+        # in place: a decoded float image is ours, and a second float copy of a 179 Mpx
+        # HDR would be 2 GB more
+        f = img.astype(np.float32, copy=False)
+        np.nan_to_num(f, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+        return cv2.convertScaleAbs(np.clip(f, 0.0, 1.0, out=f), alpha=255.0)
     raise ImageError(f"unsupported pixel type ({img.dtype})")
+
+
+def _check_header(data: bytes, header: Header | None, max_pixels: int) -> int:
+    """Refuse what the header alone condemns; the pixels the decode will hold."""
+    if header is None:
+        return DECODE_CAP_PIXELS
+    w, h = header.width, header.height
+    if w is not None and h is not None and max_pixels > 0 and w * h > max_pixels:
+        raise _too_large(w, h, max_pixels)
+    if header.stated is not None:
+        (sw, sh), fmt = header.stated, header.format
+        raise ImageError(
+            f"truncated or corrupt image data ({fmt} states {sw}x{sh} but holds {w}x{h})"
+        )
+    if header.format in ("TIFF", "AVIF") and (w is None or h is None):
+        what = "no image width/length in its first directory"
+        if header.format == "AVIF":
+            what = "no AV1 sequence header, so the size its decoder would use is unknown"
+        raise ImageError(f"not a readable {header.format} ({what})")
+    if (
+        header.format == "JPEG"
+        and not captures_native()
+        and (header.jpeg_scan is None or data.find(b"\xff\xd9", header.jpeg_scan) < 0)
+    ):  # without the decoder's own signal: no end-of-image marker after the first scan
+        raise ImageError("truncated or corrupt image data (JPEG ends before its end marker)")
+    if header.format == "PNG" and data.rfind(b"IEND") < 0:
+        raise ImageError("truncated or corrupt image data (PNG has no IEND chunk)")
+    return w * h if w is not None and h is not None else DECODE_CAP_PIXELS
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -139,37 +165,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if not data:
         raise ImageError("empty file (0 bytes)")
     header = sniff(data)
-    if (
-        header is not None
-        and header.width is not None
-        and header.height is not None
-        and max_pixels > 0
-        and header.width * header.height > max_pixels
-    ):
-        raise _too_large(header.width, header.height, max_pixels)
-    if (
-        header is not None
-        and header.format == "TIFF"
-        and (header.width is None or header.height is None)
-    ):
-        raise ImageError("not a readable TIFF (no image width/length in its first directory)")
-    if header is not None and header.format == "JPEG":
-        # entropy-coded data escapes 0xFF as FF00, so FFD9 after the first scan is the EOI
-        if header.jpeg_scan is None or data.find(b"\xff\xd9", header.jpeg_scan) < 0:
-            raise ImageError("truncated or corrupt image data (JPEG ends before its end marker)")
-    elif header is not None and header.format == "PNG" and data.rfind(b"IEND") < 0:
-        raise ImageError("truncated or corrupt image data (PNG has no IEND chunk)")
-
+    pixels = _check_header(data, header, max_pixels)
     buf = np.frombuffer(data, np.uint8)
-    try:
-        img = cv2.imdecode(buf, _DECODE_FLAGS)
-        if img is not None and img.dtype != np.uint8 and img.ndim == 3:
-            # OpenCV 5: IMREAD_COLOR_RGB | IMREAD_ANYDEPTH returns stale memory (another
-            # image's pixels) for 16-bit RGB TIFF; the BGR path decodes it correctly
-            img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-            img = None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    except cv2.error:  # some codecs raise instead of returning None
-        img = None
+    with BUDGET.hold(pixels):
+        img = decode_guarded(buf, header)
     if img is None:
         if header is None:
             raise ImageError("not an image (unrecognised format)")
@@ -199,13 +198,20 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     3. decompression-bomb guard *before decoding*: :func:`sniff` reads width and height
        from the header and ``width * height > max_pixels`` raises ``image too large``
        (``max_pixels <= 0`` disables the guard).  Default :data:`DEFAULT_MAX_PIXELS`,
-       Pillow's limit.  (OpenCV refuses more than 2**30 pixels on its own unless
-       ``OPENCV_IO_MAX_IMAGE_PIXELS`` is set.)
-    4. truncation: a JPEG without an end-of-image marker (``FFD9``) after its first
-       start-of-scan, or a PNG without an ``IEND`` chunk, is ``truncated or corrupt``;
+       Pillow's limit.  The size is the one the decoder allocates: every BMP DIB header
+       variant, HDR/PNM/PAM headers scanned to their end however long, an AVIF's AV1
+       sequence header (not only its ``ispe``), a JP2's codestream SIZ (not only its
+       ``ihdr``); a container that understates its data is ``truncated or corrupt``, a
+       TIFF or AVIF whose size cannot be read is ``not a readable ...``.  Beyond this,
+       OpenCV refuses any header-stated size over ``OPENCV_IO_MAX_IMAGE_PIXELS``
+       (``image too large for the decoder``), and decoding threads together hold at
+       most that many pixels at once;
+    4. a PNG without an ``IEND`` chunk is ``truncated or corrupt``;
     5. ``cv2.imdecode(IMREAD_COLOR_RGB | IMREAD_ANYDEPTH)``, which applies the EXIF
        orientation; if it fails: ``not an image (unrecognised format)`` when the header
-       was not recognised, else ``truncated or corrupt image data (<format>)``;
+       was not recognised, else ``truncated or corrupt image data (<format>)``; a JPEG
+       on which libjpeg warned of a premature end or corrupt data is ``truncated or
+       corrupt image data (JPEG decoder: <its warning>)``;
     6. conversions, as Keras' ``load_img`` / PIL ``convert("RGB")`` would: grayscale is
        replicated to RGB, alpha is dropped (not composited), palettes are expanded;
        16-bit ``x`` becomes ``round(x / 257)``; float images (HDR, PFM, float TIFF) become
@@ -218,8 +224,9 @@ def silence_opencv_logging() -> None:
     """Stop OpenCV's own warnings about bad files on stderr (process-wide setting).
 
     :func:`read_image` reports every failure through :class:`ImageError`, so the engine
-    may call this once to keep a long run's stderr clean.  (Messages written directly by
-    codec libraries, e.g. libpng, are not covered.)
+    calls this once to keep a run's stderr to its own lines.  (What codec libraries
+    write to C's ``stderr``, libjpeg, libpng, libtiff, dav1d, is captured around each
+    decode by :mod:`convlens.engine.nativelog` instead.)
     """
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 

@@ -64,6 +64,10 @@ def _reason(log: str) -> str:
 def session_options(threads: int | None = None) -> Any:
     import onnxruntime as ort
 
+    # the environment's own logger (device discovery, provider loading) says warnings
+    # to stderr at its default level; errors only, like the sessions (the CUDA probe
+    # below captures them for its one-line reason)
+    ort.set_default_logger_severity(3)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3

@@ -1,0 +1,336 @@
+"""The hostile corpus (tests/hostile.py) against the input path: decompression bombs
+refused from their real size (issue 14.6), JPEG damage known from the decoder's own
+warning (14.15), and nothing but convlens' own lines on stderr during a run (14.18)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import cv2
+import hostile as H
+import numpy as np
+import pytest
+from PIL import Image
+
+from convlens.engine.images import ImageError, read_image, sniff
+
+HERE = Path(__file__).parent
+REPO = HERE.parent
+
+
+def _reason(path: Path, **kw: int) -> str:
+    with pytest.raises(ImageError) as info:
+        read_image(path, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def _photo(seed: int = 1, shape: tuple[int, int] = (96, 128)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(noise, (0, 0), 3)
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bombs")
+    out = {}
+    for name, data in H.bombs().items():
+        (root / name).write_bytes(data)
+        out[name] = root / name
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 14.6: the size the decoder will really use
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dib", H.DIB_SIZES)
+def test_bmp_every_dib_header_size_is_read(tmp_path: Path, dib: int) -> None:
+    """The sniffed size is the size OpenCV decodes, for every DIB header length (and
+    Pillow's, for the lengths Pillow reads)."""
+    data, ramp = H.bmp_small(dib)
+    h = sniff(data)
+    assert h is not None and (h.format, h.width, h.height) == ("BMP", 7, 5)
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    path = tmp_path / f"v{dib}.bmp"
+    path.write_bytes(data)
+    if dib == 16:  # OpenCV has no reader for the short OS/2 2.x header
+        assert raw is None
+        assert _reason(path) == "truncated or corrupt image data (BMP)"
+    else:
+        np.testing.assert_array_equal(raw, ramp)
+        np.testing.assert_array_equal(read_image(path)[:, :, 0], ramp)
+    if dib in (12, 40, 52, 56, 64, 108, 124):
+        assert Image.open(io.BytesIO(data)).size == (7, 5)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["bmp36_rle8.bmp", "hdr_long_header.hdr", "avif_lying_ispe.avif", "pnm_long_comment.ppm"]
+    + ["pam_long_comment.pam", "jp2_lying_ihdr.jp2"]
+    + [f"bmp{dib}.bmp" for dib in H.DIB_SIZES],
+)
+def test_bombs_refused_from_their_real_size_without_decoding(
+    bombs: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = {"hdr": "16384x16384", "avif": "4096x4096", "ppm": "20000x20000"}
+    sizes |= {"pam": "20000x20000", "jp2": "2048x2048"}
+    ext = name.rsplit(".", 1)[1]
+    want = sizes.get(ext, "65535x32767" if name == "bmp12.bmp" else "32768x32767")
+
+    def no_decode(*args: object) -> None:
+        raise AssertionError("imdecode must not be reached")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decode)
+    msg = _reason(bombs[name], max_pixels=1_000_000)
+    assert msg.startswith(f"image too large: {want} = "), msg
+
+
+def test_long_headers_of_real_images_are_read_to_their_end(tmp_path: Path) -> None:
+    """HDR, PNM and PAM headers longer than any fixed window: the sniffed size is the
+    decoded one, and the image decodes."""
+    for name, data in {
+        "a.hdr": H.hdr(7, 5, header_bytes=70_000, pixels=True),
+        "b.hdr": H.hdr_rle(9, 6, header_bytes=70_000),
+        "c.ppm": H.pnm(7, 5, comment_bytes=10_000, pixels=True),
+        "d.pam": H.pam(7, 5, comment_bytes=10_000, pixels=True),
+    }.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        h = sniff(data)
+        assert h is not None and (h.height, h.width) == raw.shape[:2], name
+        assert read_image(path).shape == (*raw.shape[:2], 3)
+
+
+def test_avif_size_is_the_av1_sequence_header_not_ispe(tmp_path: Path) -> None:
+    if not cv2.haveImageWriter("x.avif"):
+        pytest.skip("this OpenCV writes no AVIF")
+    data = H.avif_lying_ispe(64, 48, ispe=(10, 10))
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert raw.shape[:2] == (10, 10)  # what OpenCV returns: ispe's size
+    h = sniff(data)
+    assert h is not None and (h.width, h.height) == (64, 48)  # what dav1d decoded
+    path = tmp_path / "lie.avif"
+    path.write_bytes(data)
+    assert _reason(path, max_pixels=64 * 48 - 1).startswith("image too large: 64x48")
+    honest = tmp_path / "honest.avif"
+    honest.write_bytes(H.avif_lying_ispe(64, 48, ispe=(64, 48)))
+    assert read_image(honest).shape == (48, 64, 3)
+    # no AV1 sequence header to be found: the decoder's size is unknown, so refused
+    broken = bytearray(data)
+    mdat = bytes(broken).find(b"mdat") + 4
+    broken[mdat:] = bytes([0x80]) * (len(broken) - mdat)
+    path.write_bytes(bytes(broken))
+    assert _reason(path).startswith("not a readable AVIF (no AV1 sequence header")
+
+
+_CHILD = """
+import json, sys
+from pathlib import Path
+import convlens.engine.images as images
+
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) // 1024
+
+if sys.argv[1] == "blind":  # as for a format the sniffer does not know
+    images.sniff = lambda data: None
+base, out = hwm(), {}
+for p in sys.argv[2:]:
+    try:
+        img = images.read_image(p)
+        out[Path(p).name] = f"ok {img.shape[1]}x{img.shape[0]}"
+    except images.ImageError as exc:
+        out[Path(p).name] = str(exc)
+print(json.dumps({"base": base, "peak": hwm(), "out": out}))
+"""
+
+
+def _child(mode: str, paths: list[Path]) -> dict:
+    res = subprocess.run(
+        [sys.executable, "-c", _CHILD, mode, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        cwd=paths[0].parent,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout)
+
+
+def test_bombs_peak_memory_and_opencv_cap_for_unknown_formats(bombs: dict[str, Path]) -> None:
+    """Every bomb in a fresh process: refused, and the process' peak resident memory
+    barely moves (before the fix: 6.2 GB for the 36-byte-DIB BMP, 9.3 GB for the HDR).
+    Then again with the sniffer blinded, as for a format it does not know: OpenCV's own
+    cap (``OPENCV_IO_MAX_IMAGE_PIXELS``, set by convlens.engine before cv2 loads)
+    refuses every header-stated size past the limit."""
+    got = _child("sniff", list(bombs.values()))
+    assert got["peak"] - got["base"] < 100, got
+    assert all(not v.startswith("ok") for v in got["out"].values()), got["out"]
+    stated = [bombs[n] for n in ("bmp36_rle8.bmp", "hdr_long_header.hdr", "bmp40.bmp")]
+    blind = _child("blind", stated)
+    assert blind["peak"] - blind["base"] < 100, blind
+    for msg in blind["out"].values():
+        assert msg == (
+            "image too large for the decoder: its header states more than "
+            "179.0 Mpx (OPENCV_IO_MAX_IMAGE_PIXELS)"
+        )
+
+
+def test_pixel_budget_lets_one_large_decode_at_a_time() -> None:
+    """Decoding threads together hold at most the budget of pixels (issue 14.6: memory
+    multiplied by the number of workers); one image larger than it runs alone."""
+    from convlens.engine import codec
+
+    budget = codec._PixelBudget(100)
+    big_in = threading.Event()
+
+    def big() -> None:
+        with budget.hold(60):
+            big_in.set()
+
+    with budget.hold(80):
+        with budget.hold(20):  # 80 + 20 fits
+            pass
+        t = threading.Thread(target=big)
+        t.start()
+        assert not big_in.wait(0.3)  # 80 + 60 does not: it waits
+    assert big_in.wait(5)  # and goes once the 80 are given back
+    t.join()
+    with budget.hold(10**9):  # larger than the budget: alone, not never
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# 14.15: a JPEG's damage is the decoder's word, not a marker search
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
+def test_jpeg_cut_mid_scan_with_end_marker_after_the_cut(
+    tmp_path: Path, keep: float, progressive: bool
+) -> None:
+    data = H.jpeg_cut_with_end_marker(H.jpeg(_photo(), progressive), keep)
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert raw is not None  # OpenCV alone calls it a success (grey where data ran out)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data)
+    msg = _reason(path)
+    assert msg.startswith("truncated or corrupt image data (JPEG decoder: "), msg
+    assert "premature end" in msg.lower()
+
+
+def test_jpeg_garbage_in_the_scan_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.jpg"
+    path.write_bytes(H.jpeg_garbage_in_scan(H.jpeg(_photo())))
+    assert _reason(path).startswith("truncated or corrupt image data (JPEG decoder: ")
+
+
+def test_jpeg_warnings_that_leave_the_image_whole_are_fine(tmp_path: Path) -> None:
+    clean = H.jpeg(_photo())
+    path = tmp_path / "stray.jpg"
+    path.write_bytes(H.jpeg_stray_bytes(clean))
+    ref = np.asarray(Image.open(io.BytesIO(clean)).convert("RGB"))
+    assert np.abs(read_image(path).astype(int) - ref).max() <= 3
+
+
+def test_native_stream_parser_keeps_stray_nuls_as_text() -> None:
+    from convlens.engine import nativelog
+
+    ch = nativelog._Channel()
+    cap = nativelog.Capture()
+    ch._pending[7] = cap
+    rest = ch._parse(b"before\0CL:S7\0bad\0nul\0CL:E7\0after\0CL:S")
+    assert cap.text == "badnul" and cap.done.is_set() and cap.alone
+    assert rest == b"\0CL:S"  # an incomplete marker waits for the next read
+
+
+def test_damage_is_told_apart_between_parallel_decodes(tmp_path: Path) -> None:
+    """Decodes run in threads and libjpeg's warnings share one stream: each warning is
+    pinned on the image that caused it, whatever else was decoding then."""
+    clean = H.jpeg(_photo(2, (240, 320)))
+    kinds = {
+        "ok": clean,
+        "stray": H.jpeg_stray_bytes(clean),
+        "cut": H.jpeg_cut_with_end_marker(clean, 0.5),
+        "garbage": H.jpeg_garbage_in_scan(clean),
+    }
+    paths = []
+    for i in range(64):
+        kind = list(kinds)[i % 4 if i % 3 else 0]
+        paths.append(tmp_path / f"{i:02d}_{kind}.jpg")
+        paths[-1].write_bytes(kinds[kind])
+
+    def outcome(p: Path) -> bool:
+        try:
+            read_image(p)
+            return True
+        except ImageError:
+            return False
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        ok = dict(zip(paths, pool.map(outcome, paths), strict=True))
+    for p, good in ok.items():
+        assert good == (p.stem.split("_")[1] in ("ok", "stray")), p.name
+
+
+# ---------------------------------------------------------------------------------------
+# 14.18: stderr holds convlens' own lines, one per bad input, and nothing else
+# ---------------------------------------------------------------------------------------
+
+
+def test_run_stderr_is_one_escaped_line_per_bad_input(
+    tmp_path: Path, demo_model: tuple[Path, Path]
+) -> None:
+    model, photos = demo_model
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    photo = _photo()
+    clean = H.jpeg(photo)
+    good = {
+        "stray_bytes.jpg": H.jpeg_stray_bytes(clean),  # libjpeg warns
+        "bad_text_crc.png": H.png_bad_ancillary_crc(photo),  # libpng warns
+        "unknown_tag.tif": H.tiff_unknown_tag(photo),  # libtiff warns
+        **{name: clean for name in H.HOSTILE_NAMES},
+    }
+    bad = {
+        "cut.jpg": H.jpeg_cut_with_end_marker(clean, 0.5),
+        "cut_progressive.jpg": H.jpeg_cut_with_end_marker(H.jpeg(photo, True), 0.5),
+        "garbage.jpg": H.jpeg_garbage_in_scan(clean),
+        "lying.jp2": H.jp2_lying_ihdr(64, 48),  # OpenJPEG logs two errors
+        "dib36.bmp": H.bmp(32768, 32767, dib=36),
+        "truncated.png": H.png_bad_ancillary_crc(photo)[:200],
+        "new\nline_cut.jpg": H.jpeg_cut_with_end_marker(clean, 0.4),
+    }
+    for name, data in {**good, **bad}.items():
+        (inputs / name).write_bytes(data)
+    res = subprocess.run(
+        [sys.executable, "-c", "from convlens.cli import main; main()", "run", str(model)]
+        + [str(inputs), "-o", str(tmp_path / "out"), "--no-report", "--device", "cpu"],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    err = res.stderr.decode("utf-8", "replace")
+    lines = err.splitlines()
+    assert res.returncode == 1, err  # some inputs failed
+    assert "\x1b" not in err and "\x07" not in err
+    per_input = [ln for ln in lines if ln.startswith(str(inputs) + "/")]
+    named = sorted(ln[len(str(inputs)) + 1 :].split(": ", 1)[0] for ln in per_input)
+    assert named == sorted(n.replace("\n", "\\n") for n in bad), err
+    summary = [ln for ln in lines if " ok, " in ln and " failed " in ln]
+    assert len(summary) == 1 and summary[0].startswith(f"{len(good)} ok, {len(bad)} failed")
+    assert len(lines) == len(per_input) + 1, err  # nothing else: no library's message
