@@ -31,7 +31,10 @@ class Header:
     start-of-scan marker of a JPEG (``None`` if there is none before the data ends).
     ``stated`` is the container's own ``(width, height)`` where it disagrees with the
     size of the data inside (a lie: the file is corrupt); ``width``/``height`` are then
-    the data's, the size its decoder allocates.
+    the data's, the size its decoder allocates.  ``sample_bytes`` is the size of one
+    decoded sample where the header says it is more than a byte (16-bit PNG, TIFF,
+    PNM/PAM: 2; Radiance HDR and PFM, decoded to float32: 4): decoding costs that many
+    times the memory of an 8-bit image of the same size.
     """
 
     format: str
@@ -39,6 +42,7 @@ class Header:
     height: int | None = None
     jpeg_scan: int | None = None
     stated: tuple[int, int] | None = None
+    sample_bytes: int = 1
 
 
 _JPEG_SOF = frozenset(
@@ -96,12 +100,18 @@ def _sniff_tiff(d: bytes) -> Header:
         for j in range(min(count, 4096)):
             p = base + j * entry
             tag, typ = struct.unpack_from(e + "HH", d, p)
-            if tag in (256, 257):
-                fmt = {3: "H", 4: "I", 16: "Q"}.get(typ)
-                if fmt is not None:
-                    (dims[tag],) = struct.unpack_from(e + fmt, d, p + val_off)
+            fmt = {3: "H", 4: "I", 16: "Q"}.get(typ)
+            if tag in (256, 257) and fmt is not None:
+                (dims[tag],) = struct.unpack_from(e + fmt, d, p + val_off)
+            elif tag == 258 and typ == 3:  # BitsPerSample: inline, or at an offset
+                n = struct.unpack_from(e + ("I" if entry == 12 else "Q"), d, p + 4)[0]
+                at = p + val_off
+                if n * 2 > entry - val_off:
+                    (at,) = struct.unpack_from(e + ("I" if entry == 12 else "Q"), d, at)
+                (dims[258],) = struct.unpack_from(e + "H", d, at)
             # tags should be sorted, but libtiff reads unsorted IFDs: scan them all
-        return Header("TIFF", dims.get(256), dims.get(257))
+        depth = min(max(dims.get(258, 8) // 8, 1), 8)
+        return Header("TIFF", dims.get(256), dims.get(257), sample_bytes=depth)
     except struct.error:
         return Header("TIFF")
 
@@ -131,6 +141,7 @@ def _pnm_tokens(d: bytes, count: int) -> list[int]:
 
 def _sniff_pam(d: bytes) -> Header:
     w = h = None
+    depth = 1
     end = d.find(b"ENDHDR")  # the header ends there, however long its comments
     for line in d[: end if end >= 0 else len(d)].split(b"\n")[1:]:
         parts = line.split()
@@ -138,7 +149,9 @@ def _sniff_pam(d: bytes) -> Header:
             w = int(parts[1])
         elif len(parts) == 2 and parts[0] == b"HEIGHT":
             h = int(parts[1])
-    return Header("PAM", w, h)
+        elif len(parts) == 2 and parts[0] == b"MAXVAL":
+            depth = 2 if int(parts[1]) > 255 else 1
+    return Header("PAM", w, h, sample_bytes=depth)
 
 
 _HDR_SIZE = re.compile(rb"\s*-Y\s*([+-]?\d+)\s*\+X\s*([+-]?\d+)")
@@ -151,7 +164,7 @@ def _sniff_hdr(d: bytes) -> Header:
     m = _HDR_SIZE.match(d, end + 2, end + 2 + 128) if end >= 0 else None
     if m is None:
         return Header("HDR")
-    return Header("HDR", abs(int(m.group(2))), abs(int(m.group(1))))
+    return Header("HDR", abs(int(m.group(2))), abs(int(m.group(1))), sample_bytes=4)
 
 
 def _checked(fmt: str, stated: tuple[int, int] | None, data: tuple[int, int]) -> Header:
@@ -181,9 +194,9 @@ def _sniff_avif(d: bytes) -> Header:
 
 
 def _png(d: bytes) -> Header:
-    if len(d) >= 24 and d[12:16] == b"IHDR":
+    if len(d) >= 25 and d[12:16] == b"IHDR":
         w, h = struct.unpack_from(">II", d, 16)
-        return Header("PNG", w, h)
+        return Header("PNG", w, h, sample_bytes=2 if d[24] == 16 else 1)
     return Header("PNG")
 
 
@@ -225,8 +238,13 @@ def _webp(d: bytes) -> Header:
 
 
 def _pnm(d: bytes) -> Header:
-    wh = _pnm_tokens(d, 2)
-    return Header("PNM", wh[0], wh[1]) if len(wh) == 2 else Header("PNM")
+    if d[1:2] in b"Ff":  # PFM: float32 samples
+        wh = _pnm_tokens(d, 2)
+        return Header("PNM", wh[0], wh[1], sample_bytes=4) if len(wh) == 2 else Header("PNM")
+    whm = _pnm_tokens(d, 2 if d[1:2] in b"14" else 3)  # bitmaps have no maxval
+    if len(whm) < 2:
+        return Header("PNM")
+    return Header("PNM", whm[0], whm[1], sample_bytes=2 if whm[2:] and whm[2] > 255 else 1)
 
 
 def _sun(d: bytes) -> Header:

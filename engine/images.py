@@ -73,7 +73,13 @@ __all__ = [
 ]
 
 
-def _too_large(w: int, h: int, max_pixels: int) -> ImageError:
+def _too_large(w: int, h: int, max_pixels: int, sample_bytes: int = 1) -> ImageError:
+    if sample_bytes > 1:
+        return ImageError(
+            f"image too large: {w}x{h} = {w * h / 1e6:.1f} Mpx of {8 * sample_bytes}-bit "
+            f"samples, the memory of {w * h * sample_bytes / 1e6:.1f} Mpx at 8 bits, exceeds "
+            f"the limit of {max_pixels / 1e6:.1f} Mpx (--max-pixels)"
+        )
     return ImageError(
         f"image too large: {w}x{h} = {w * h / 1e6:.1f} Mpx exceeds the limit of "
         f"{max_pixels / 1e6:.1f} Mpx (--max-pixels)"
@@ -136,9 +142,9 @@ def _check_header(data: bytes, header: Header | None, max_pixels: int) -> int:
     """Refuse what the header alone condemns; the pixels the decode will hold."""
     if header is None:
         return DECODE_CAP_PIXELS
-    w, h = header.width, header.height
-    if w is not None and h is not None and max_pixels > 0 and w * h > max_pixels:
-        raise _too_large(w, h, max_pixels)
+    w, h, depth = header.width, header.height, header.sample_bytes
+    if w is not None and h is not None and max_pixels > 0 and w * h * depth > max_pixels:
+        raise _too_large(w, h, max_pixels, depth)
     if header.stated is not None:
         (sw, sh), fmt = header.stated, header.format
         raise ImageError(
@@ -157,7 +163,7 @@ def _check_header(data: bytes, header: Header | None, max_pixels: int) -> int:
         raise ImageError("truncated or corrupt image data (JPEG ends before its end marker)")
     if header.format == "PNG" and data.rfind(b"IEND") < 0:
         raise ImageError("truncated or corrupt image data (PNG has no IEND chunk)")
-    return w * h if w is not None and h is not None else DECODE_CAP_PIXELS
+    return w * h * depth if w is not None and h is not None else DECODE_CAP_PIXELS
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -167,23 +173,20 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     header = sniff(data)
     pixels = _check_header(data, header, max_pixels)
     buf = np.frombuffer(data, np.uint8)
-    with BUDGET.hold(pixels):
+    with BUDGET.hold(pixels):  # up to the 8-bit RGB result: the conversions count too
         img = decode_guarded(buf, header)
-    if img is None:
-        if header is None:
-            raise ImageError("not an image (unrecognised format)")
-        raise ImageError(f"truncated or corrupt image data ({header.format})")
-    h, w = img.shape[:2]
-    if max_pixels > 0 and h * w > max_pixels:  # formats whose header we cannot read
-        raise _too_large(w, h, max_pixels)
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    elif img.shape[2] == 4:
-        img = img[:, :, :3]
-    elif img.shape[2] == 1:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    img = _to_uint8(img)
-    return np.ascontiguousarray(img)
+        if img is None:
+            if header is None:
+                raise ImageError("not an image (unrecognised format)")
+            raise ImageError(f"truncated or corrupt image data ({header.format})")
+        h, w = img.shape[:2]
+        if max_pixels > 0 and h * w > max_pixels:  # formats whose header we cannot read
+            raise _too_large(w, h, max_pixels)
+        if img.ndim == 2 or img.shape[2] == 1:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+        elif img.shape[2] == 4:
+            img = img[:, :, :3]
+        return np.ascontiguousarray(_to_uint8(img))
 
 
 def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -201,15 +201,26 @@ def bombs() -> dict[str, bytes]:
 
 
 def bombs_at_limit(max_pixels: int = 178_956_970) -> dict[str, bytes]:
-    """The worst files the guard lets through: just within ``max_pixels``, small on disk,
-    written in full by the decoder (for the peak-memory measurement, not the tests)."""
+    """The worst files the guard lets through: just within ``max_pixels`` (a quarter of
+    it for float HDR, half for 16-bit PNG), small on disk, decoded in full (for the
+    peak-memory measurement, not the tests: each takes seconds and gigabytes)."""
+    from PIL import Image
+
     side = int(max_pixels**0.5)
+    gif = io.BytesIO()
+    Image.new("L", (side, side)).save(gif, "GIF")
+    wide = (max_pixels // 16383, 16383)  # WebP's largest side
     return {
-        "limit_hdr_rle.hdr": hdr_rle(side, side),
-        "limit_bmp_rle8.bmp": bmp(side, side, dib=40),
+        "limit_hdr_rle.hdr": hdr_rle(side // 2, side // 2),
         "limit_png16.png": _encoded(
-            ".png", np.zeros((side, side, 3), np.uint16), (cv2.IMWRITE_PNG_COMPRESSION, 9)
+            ".png", np.zeros((int(side / 2**0.5), int(side / 2**0.5), 3), np.uint16)
         ),
+        "limit_bmp_rle8.bmp": bmp(side, side, dib=40),
+        "limit_gif.gif": gif.getvalue(),
+        "limit_webp.webp": _encoded(
+            ".webp", np.zeros((*wide, 3), np.uint8), (cv2.IMWRITE_WEBP_QUALITY, 101)
+        ),
+        "limit_jpeg.jpg": _encoded(".jpg", np.zeros((side, side, 3), np.uint8)),
     }
 
 

@@ -135,6 +135,44 @@ def test_avif_size_is_the_av1_sequence_header_not_ispe(tmp_path: Path) -> None:
     assert _reason(path).startswith("not a readable AVIF (no AV1 sequence header")
 
 
+def _depth_cases() -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    out = []
+    for dtype in (np.uint8, np.uint16, np.float32):
+        for channels in (1, 3):
+            top = 1.0 if dtype == np.float32 else np.iinfo(dtype).max
+            arr = (rng.random((5, 7, channels)) * top).astype(dtype)
+            arr = arr[:, :, 0] if channels == 1 else arr
+            pnm = ".ppm" if channels == 3 else ".pgm"
+            ints = (".png", ".tiff", pnm) + ((".pam",) if dtype == np.uint8 else ())
+            for ext in ints if dtype != np.float32 else (".tiff", ".pfm", ".hdr"):
+                if ext == ".hdr" and channels == 1:
+                    continue
+                out.append((ext, arr))
+    return out
+
+
+@pytest.mark.parametrize(("ext", "arr"), _depth_cases(), ids=lambda v: getattr(v, "dtype", v))
+def test_sample_size_is_the_decoded_one(ext: str, arr: np.ndarray) -> None:
+    """The header's sample size is the one OpenCV decodes to: a 16-bit or float image
+    costs 2 or 4 times the memory of an 8-bit one, and counts so against the limit."""
+    data = H._encoded(ext, arr)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    h = sniff(data)
+    assert h is not None and (h.width, h.height) == (7, 5)
+    assert h.sample_bytes == decoded.dtype.itemsize, (ext, arr.dtype, decoded.dtype)
+
+
+def test_deep_images_count_their_depth_against_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "big.hdr"
+    path.write_bytes(H.hdr_rle(300, 200))
+    assert read_image(path, max_pixels=240_000).shape == (200, 300, 3)
+    assert _reason(path, max_pixels=239_999) == (
+        "image too large: 300x200 = 0.1 Mpx of 32-bit samples, the memory of 0.2 Mpx at "
+        "8 bits, exceeds the limit of 0.2 Mpx (--max-pixels)"
+    )
+
+
 _CHILD = """
 import json, sys
 from pathlib import Path
