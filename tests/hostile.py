@@ -177,8 +177,14 @@ def tiff_unknown_tag(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-#: names that must neither forge a line nor reach the terminal raw
-HOSTILE_NAMES = ("new\nline.jpg", "esc\x1b[31mred\x1b[0m.jpg", "bell\x07.jpg")
+#: names that must neither forge a line nor reach the terminal raw (the last one's bytes
+#: are not UTF-8: Latin-1 "é", a surrogate escape in Python)
+HOSTILE_NAMES = (
+    "new\n1 ok, 0 failed (forged).jpg",
+    "esc\x1b[31mred\x1b[0m.jpg",
+    "bell\x07.jpg",
+    "latin\udce9.jpg",
+)
 
 
 def bombs() -> dict[str, bytes]:

@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -351,13 +352,13 @@ def test_run_stderr_is_one_escaped_line_per_bad_input(
         "lying.jp2": H.jp2_lying_ihdr(64, 48),  # OpenJPEG logs two errors
         "dib36.bmp": H.bmp(32768, 32767, dib=36),
         "truncated.png": H.png_bad_ancillary_crc(photo)[:200],
-        "new\nline_cut.jpg": H.jpeg_cut_with_end_marker(clean, 0.4),
+        **{"cut_" + name: H.jpeg_cut_with_end_marker(clean, 0.4) for name in H.HOSTILE_NAMES},
     }
     for name, data in {**good, **bad}.items():
         (inputs / name).write_bytes(data)
     res = subprocess.run(
         [sys.executable, "-c", "from convlens.cli import main; main()", "run", str(model)]
-        + [str(inputs), "-o", str(tmp_path / "out"), "--no-report", "--device", "cpu"],
+        + [str(inputs), "-o", str(tmp_path / "out"), "--device", "cpu"],
         capture_output=True,
         cwd=tmp_path,
         timeout=300,
@@ -368,7 +369,14 @@ def test_run_stderr_is_one_escaped_line_per_bad_input(
     assert "\x1b" not in err and "\x07" not in err
     per_input = [ln for ln in lines if ln.startswith(str(inputs) + "/")]
     named = sorted(ln[len(str(inputs)) + 1 :].split(": ", 1)[0] for ln in per_input)
-    assert named == sorted(n.replace("\n", "\\n") for n in bad), err
-    summary = [ln for ln in lines if " ok, " in ln and " failed " in ln]
+    shown = {"\n": "\\n", "\x1b": "\\x1b", "\x07": "\\x07", "\udce9": "\ufffd"}
+    want = []
+    for name in bad:
+        for raw, escaped in shown.items():
+            name = name.replace(raw, escaped)
+        want.append(name)
+    assert named == sorted(want), err
+    summary = [ln for ln in lines if re.match(r"\d+ ok, \d+ failed \(", ln)]
     assert len(summary) == 1 and summary[0].startswith(f"{len(good)} ok, {len(bad)} failed")
-    assert len(lines) == len(per_input) + 1, err  # nothing else: no library's message
+    assert lines[-1] == f"report: {tmp_path / 'out' / 'index.html'}", err
+    assert len(lines) == len(per_input) + 2, err  # nothing else: no library's message
