@@ -9,11 +9,12 @@ through) is pointed at a pipe; file descriptor 2 is untouched, so Python's
 ``sys.stderr`` (convlens' own one-line messages, the progress bar) still reaches the
 terminal.  A drain thread reads the pipe; every decode that wants its messages writes a
 start and an end marker around the native call, so a message is known to come from one
-of the decodes open at that moment.  When more than one was open, :func:`exclusive`
-lets the caller decode again alone to know whose it was.
+of the decodes open at that moment.  When more than one was open, ``window(alone=True)``
+lets the caller decode again with no other window open, to know whose it was.
 
-Where C's ``stderr`` cannot be redirected (not glibc/musl/macOS), :data:`AVAILABLE` is
-false, nothing is captured and the libraries' messages go where they always did.
+Where C's ``stderr`` cannot be redirected (other than Linux with glibc),
+:data:`AVAILABLE` is false, nothing is captured, the libraries' messages go where they
+always did, and a JPEG's truncation is judged by its end-of-image marker instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import ctypes
 import itertools
 import os
+import platform
 import re
 import sys
 import threading
@@ -42,9 +44,8 @@ class Capture:
 
 class _Channel:
     def __init__(self) -> None:
-        libc = ctypes.CDLL(None)
-        name = "__stderrp" if sys.platform == "darwin" else "stderr"
-        self._var = ctypes.c_void_p.in_dll(libc, name)
+        libc = ctypes.CDLL(None)  # the global scope: the stderr every library uses
+        self._var = ctypes.c_void_p.in_dll(libc, "stderr")
         self._original = self._var.value
         read_fd, self._write_fd = os.pipe()
         fdopen = libc.fdopen
@@ -194,8 +195,9 @@ def _channel() -> _Channel | None:
         return _CHANNEL
 
 
-#: whether C's ``stderr`` can be redirected here (known after the first window)
-AVAILABLE = os.name == "posix"
+#: whether C's ``stderr`` can be redirected here: glibc, where ``stderr`` is a writable
+#: ``FILE *`` (musl's is ``const``; others are untested), and known after the first window
+AVAILABLE = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
 def available() -> bool:
