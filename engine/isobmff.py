@@ -158,7 +158,7 @@ def _item_extents(d: bytes, meta_start: int, meta_end: int) -> list[tuple[int, i
         if typ == b"iinf":
             version = d[p]
             skip = 6 if version == 0 else 8
-            for t2, p2, _ in iter_boxes(d, p + skip, e):
+            for t2, p2, _ in iter_boxes(d, p + skip, e)[:65536]:
                 if t2 == b"infe" and d[p2] >= 2:
                     wide = d[p2] >= 3
                     item = struct.unpack_from(">I" if wide else ">H", d, p2 + 4)[0]
@@ -168,9 +168,9 @@ def _item_extents(d: bytes, meta_start: int, meta_end: int) -> list[tuple[int, i
         elif typ == b"idat":
             idat = p
     out: list[tuple[int, int]] = []
-    for typ, p, _e in children:
+    for typ, p, e in children:
         if typ == b"iloc":
-            out += _iloc(d, p, av01, idat)
+            out += _iloc(d, p, e, av01, idat)
     return out
 
 
@@ -178,7 +178,9 @@ def _uint(d: bytes, at: int, n: int) -> int:
     return int.from_bytes(d[at : at + n], "big") if n else 0
 
 
-def _iloc(d: bytes, p: int, items: set[int], idat: int) -> list[tuple[int, int]]:
+def _iloc(d: bytes, p: int, end: int, items: set[int], idat: int) -> list[tuple[int, int]]:
+    """First extents of ``items`` in the ``iloc`` box ``d[p:end]``; at most 65536
+    entries are read (a hostile count with zero-width fields costs no bytes each)."""
     version = d[p]
     off_size, len_size = d[p + 4] >> 4, d[p + 4] & 0xF
     base_size, index_size = d[p + 5] >> 4, (d[p + 5] & 0xF) if version in (1, 2) else 0
@@ -187,7 +189,8 @@ def _iloc(d: bytes, p: int, items: set[int], idat: int) -> list[tuple[int, int]]
     count = _uint(d, i, 4 if wide else 2)
     i += 4 if wide else 2
     out = []
-    for _ in range(min(count, 4096)):
+    budget = 65536
+    for _ in range(count):
         item = _uint(d, i, 4 if wide else 2)
         i += 4 if wide else 2
         method = 0
@@ -199,6 +202,9 @@ def _iloc(d: bytes, p: int, items: set[int], idat: int) -> list[tuple[int, int]]
         i += base_size
         extents = _uint(d, i, 2)
         i += 2
+        budget -= 1 + extents
+        if budget < 0 or i > end:
+            break
         for k in range(extents):
             i += index_size
             offset, length = _uint(d, i, off_size), _uint(d, i + off_size, len_size)
@@ -227,7 +233,9 @@ def avif_size(d: bytes) -> tuple[Size | None, Size | None]:
                 seq += av1_sizes(d, p, e)
     for tag, found in ((b"ispe", ispe), (b"av1C", seq)):
         j = d.find(tag, 4)
-        while j >= 4:
+        for _ in range(4096):  # a real file has a handful; a hostile one, no more read
+            if j < 4:
+                break
             (box,) = struct.unpack_from(">I", d, j - 4)
             if tag == b"ispe" and box == 20 and j + 16 <= len(d):
                 found.append(struct.unpack_from(">II", d, j + 8))

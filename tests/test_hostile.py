@@ -180,6 +180,32 @@ def test_deep_images_count_their_depth_against_the_limit(tmp_path: Path) -> None
     )
 
 
+def test_hostile_headers_are_read_in_linear_time() -> None:
+    """A header that is all comments (PNM, PAM, HDR: 32 MB of them) or an AVIF ``iloc``
+    listing 100,000 items of 65,535 empty extents each is read in well under a second,
+    not character by character or extent by extent."""
+    import struct
+    import time
+
+    comments = (b"# " + b"c" * 60 + b"\n") * (32 << 20 >> 6)
+    ftyp = struct.pack(">I4s4sI4s", 20, b"ftyp", b"avif", 0, b"avif")
+    items = struct.pack(">IHHH", 1, 0, 0, 65535) * 100_000
+    iloc = b"\x02\x00\x00\x00" + b"\x00\x00" + struct.pack(">I", 2**32 - 1) + items
+    meta = b"\x00" * 4 + struct.pack(">I4s", 8 + len(iloc), b"iloc") + iloc
+    cases = {
+        "PNM": b"P6\n" + comments + b"7 5\n255\n",
+        "PAM": b"P7\n" + comments + b"WIDTH 7\nHEIGHT 5\nENDHDR\n",
+        "HDR": b"#?RADIANCE\n" + comments + b"FORMAT=32-bit_rle_rgbe\n\n-Y 5 +X 7\n",
+        "AVIF": ftyp + struct.pack(">I4s", 8 + len(meta), b"meta") + meta,
+    }
+    for fmt, data in cases.items():
+        t0 = time.perf_counter()
+        h = sniff(data)
+        assert time.perf_counter() - t0 < 1.0, fmt
+        assert h is not None and h.format == fmt
+        assert (h.width, h.height) == ((7, 5) if fmt != "AVIF" else (None, None))
+
+
 _CHILD = """
 import json, sys
 from pathlib import Path
