@@ -177,11 +177,11 @@ def _sniff_avif(d: bytes) -> Header:
     """The AV1 sequence header's frame size is what dav1d allocates; ``ispe`` counts
     where it is larger (libavif's output; a grid of tiles).  No size when no sequence
     header was found: the size the decoder would use is unknown."""
-    ispe, seq = avif_size(d)
+    ispe, seq, deep = avif_size(d)
     if seq is None:
         return Header("AVIF")
     if ispe is not None and ispe[0] * ispe[1] >= seq[0] * seq[1]:
-        return Header("AVIF", *ispe)
+        return Header("AVIF", *ispe, sample_bytes=2 if deep else 1)
     return _checked("AVIF", ispe, seq)
 
 
@@ -253,12 +253,19 @@ def _j2k(d: bytes) -> Header:
 @dataclass(frozen=True)
 class Format:
     """One image format: its name, the file extensions discovery picks up, its
-    signature (written once, here) and the reader of its header's size."""
+    signature (written once, here) and the reader of its header's size.
+
+    ``decode_cost``: the peak memory of decoding it, in multiples of what an 8-bit RGB
+    image of the same size and sample depth costs (measured on files at the pixel
+    limit: OpenJPEG holds every sample as int32, libavif a YUV and an RGB copy, both
+    about 2.6 times the 1.07 GB of a BMP or JPEG of 179 Mpx).
+    """
 
     name: str
     extensions: tuple[str, ...]
     signature: Callable[[bytes], bool]
     header: Callable[[bytes], Header]
+    decode_cost: int = 1
 
 
 #: Everything the installed OpenCV decodes, in the order signatures are tried.
@@ -292,15 +299,26 @@ FORMATS: tuple[Format, ...] = (
         (".jp2",),
         lambda d: d[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n",
         _sniff_jp2,
+        decode_cost=3,
     ),
-    Format("JPEG 2000", (".j2k",), lambda d: d[:4] == b"\xff\x4f\xff\x51", _j2k),
+    Format("JPEG 2000", (".j2k",), lambda d: d[:4] == b"\xff\x4f\xff\x51", _j2k, 3),
     Format(
         "AVIF",
         (".avif",),
         lambda d: d[4:8] == b"ftyp" and (b"avif" in d[8:64] or b"avis" in d[8:64]),
         _sniff_avif,
+        decode_cost=3,
     ),
 )
+
+_COST = {f.name: f.decode_cost for f in FORMATS}
+
+
+def decode_cost(header: Header) -> int:
+    """The memory of decoding ``header``'s image in multiples of an 8-bit RGB image of
+    its size: the format's decoder cost times its sample size in bytes."""
+    return _COST.get(header.format, 1) * header.sample_bytes
+
 
 #: File extensions (lower case, with the dot) that discovery picks up when walking a
 #: directory.  ``.exr`` is absent: the ``opencv-python-headless`` 5.0 wheels are built

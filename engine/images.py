@@ -52,7 +52,7 @@ import numpy as np
 from .codec import BUDGET, DECODE_CAP_PIXELS, ImageError, captures_native, decode_guarded
 from .contract import InputSpec, Preprocess
 from .discovery import Discovery, discover, file_kind, is_image_name
-from .formats import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_EXTENSIONS, Header, sniff
+from .formats import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_EXTENSIONS, Header, decode_cost, sniff
 
 # discovery and formats live in their own modules; their names are re-exported here
 __all__ = [
@@ -73,12 +73,16 @@ __all__ = [
 ]
 
 
-def _too_large(w: int, h: int, max_pixels: int, sample_bytes: int = 1) -> ImageError:
-    if sample_bytes > 1:
+def _too_large(w: int, h: int, max_pixels: int, header: Header | None = None) -> ImageError:
+    cost = decode_cost(header) if header is not None else 1
+    if cost > 1 and header is not None:
+        what = header.format
+        if header.sample_bytes > 1:
+            what = f"{8 * header.sample_bytes}-bit {what}"
         return ImageError(
-            f"image too large: {w}x{h} = {w * h / 1e6:.1f} Mpx of {8 * sample_bytes}-bit "
-            f"samples, the memory of {w * h * sample_bytes / 1e6:.1f} Mpx at 8 bits, exceeds "
-            f"the limit of {max_pixels / 1e6:.1f} Mpx (--max-pixels)"
+            f"image too large: {w}x{h} = {w * h / 1e6:.1f} Mpx; decoding this {what} takes "
+            f"the memory of {w * h * cost / 1e6:.1f} Mpx at 8 bits, over the limit of "
+            f"{max_pixels / 1e6:.1f} Mpx (--max-pixels)"
         )
     return ImageError(
         f"image too large: {w}x{h} = {w * h / 1e6:.1f} Mpx exceeds the limit of "
@@ -142,9 +146,9 @@ def _check_header(data: bytes, header: Header | None, max_pixels: int) -> int:
     """Refuse what the header alone condemns; the pixels the decode will hold."""
     if header is None:
         return DECODE_CAP_PIXELS
-    w, h, depth = header.width, header.height, header.sample_bytes
-    if w is not None and h is not None and max_pixels > 0 and w * h * depth > max_pixels:
-        raise _too_large(w, h, max_pixels, depth)
+    w, h, cost = header.width, header.height, decode_cost(header)
+    if w is not None and h is not None and max_pixels > 0 and w * h * cost > max_pixels:
+        raise _too_large(w, h, max_pixels, header)
     if header.stated is not None:
         (sw, sh), fmt = header.stated, header.format
         raise ImageError(
@@ -163,7 +167,7 @@ def _check_header(data: bytes, header: Header | None, max_pixels: int) -> int:
         raise ImageError("truncated or corrupt image data (JPEG ends before its end marker)")
     if header.format == "PNG" and data.rfind(b"IEND") < 0:
         raise ImageError("truncated or corrupt image data (PNG has no IEND chunk)")
-    return w * h * depth if w is not None and h is not None else DECODE_CAP_PIXELS
+    return w * h * cost if w is not None and h is not None else DECODE_CAP_PIXELS
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

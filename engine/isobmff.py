@@ -215,11 +215,12 @@ def _iloc(d: bytes, p: int, end: int, items: set[int], idat: int) -> list[tuple[
     return out
 
 
-def avif_size(d: bytes) -> tuple[Size | None, Size | None]:
-    """``(ispe, sequence)``: the largest ``ispe`` property, and the largest frame size of
-    the AV1 sequence headers found in ``av01`` items and ``av1C`` configOBUs (for an
-    image sequence without items: at the start of ``mdat``); ``None`` where none was
-    found."""
+def avif_size(d: bytes) -> tuple[Size | None, Size | None, bool]:
+    """``(ispe, sequence, deep)``: the largest ``ispe`` property, the largest frame size
+    of the AV1 sequence headers found in ``av01`` items and ``av1C`` configOBUs (for an
+    image sequence without items: at the start of ``mdat``), ``None`` where none was
+    found; and whether an ``av1C`` says more than 8 bits (decoded to 16-bit samples)."""
+    deep = False
     ispe: list[Size] = []
     seq: list[Size] = []
     boxes = iter_boxes(d, 0, len(d))
@@ -239,7 +240,8 @@ def avif_size(d: bytes) -> tuple[Size | None, Size | None]:
             (box,) = struct.unpack_from(">I", d, j - 4)
             if tag == b"ispe" and box == 20 and j + 16 <= len(d):
                 found.append(struct.unpack_from(">II", d, j + 8))
-            elif tag == b"av1C" and 12 < box <= len(d) - j + 4:
+            elif tag == b"av1C" and 12 <= box <= len(d) - j + 4:
+                deep = deep or bool(d[j + 6] & 0x40)  # high_bitdepth
                 found += av1_sizes(d, j + 8, j - 4 + box)
             j = d.find(tag, j + 4)
-    return _largest(ispe), _largest(seq)
+    return _largest(ispe), _largest(seq), deep

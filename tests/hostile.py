@@ -208,11 +208,14 @@ def bombs() -> dict[str, bytes]:
 
 def bombs_at_limit(max_pixels: int = 178_956_970) -> dict[str, bytes]:
     """The worst files the guard lets through: just within ``max_pixels`` (a quarter of
-    it for float HDR, half for 16-bit PNG), small on disk, decoded in full (for the
-    peak-memory measurement, not the tests: each takes seconds and gigabytes)."""
+    it for float HDR, half for 16-bit PNG, a third for JPEG 2000 and AVIF, a sixth for
+    10-bit AVIF), small on disk, decoded in full (for the peak-memory measurement, not
+    the tests: each takes seconds and gigabytes)."""
     from PIL import Image
 
     side = int(max_pixels**0.5)
+    third = int((max_pixels / 3) ** 0.5)  # JPEG 2000 and AVIF decode at 3 times the cost
+    sixth = int((max_pixels / 6) ** 0.5)  # and 10-bit AVIF twice that
     gif = io.BytesIO()
     Image.new("L", (side, side)).save(gif, "GIF")
     wide = (max_pixels // 16383, 16383)  # WebP's largest side
@@ -227,6 +230,15 @@ def bombs_at_limit(max_pixels: int = 178_956_970) -> dict[str, bytes]:
             ".webp", np.zeros((*wide, 3), np.uint8), (cv2.IMWRITE_WEBP_QUALITY, 101)
         ),
         "limit_jpeg.jpg": _encoded(".jpg", np.zeros((side, side, 3), np.uint8)),
+        "limit_jp2.jp2": _encoded(".jp2", np.zeros((third, third, 3), np.uint8)),
+        "limit_avif.avif": _encoded(
+            ".avif", np.zeros((third, third, 3), np.uint8), (cv2.IMWRITE_AVIF_SPEED, 10)
+        ),
+        "limit_avif10.avif": _encoded(
+            ".avif",
+            np.zeros((sixth, sixth, 3), np.uint16),
+            (cv2.IMWRITE_AVIF_SPEED, 10, cv2.IMWRITE_AVIF_DEPTH, 10),
+        ),
     }
 
 

@@ -164,10 +164,24 @@ def test_sample_size_is_the_decoded_one(ext: str, arr: np.ndarray) -> None:
     """The header's sample size is the one OpenCV decodes to: a 16-bit or float image
     costs 2 or 4 times the memory of an 8-bit one, and counts so against the limit."""
     data = H._encoded(ext, arr)
+    _same_depth(data)
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12])
+def test_avif_sample_size_follows_its_bit_depth(bits: int) -> None:
+    if not cv2.haveImageWriter("x.avif"):
+        pytest.skip("this OpenCV writes no AVIF")
+    arr = (np.random.default_rng(bits).random((5, 7, 3)) * (2**bits - 1)).astype(
+        np.uint8 if bits == 8 else np.uint16
+    )
+    _same_depth(H._encoded(".avif", arr, (cv2.IMWRITE_AVIF_DEPTH, bits)))
+
+
+def _same_depth(data: bytes) -> None:
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     h = sniff(data)
     assert h is not None and (h.width, h.height) == (7, 5)
-    assert h.sample_bytes == decoded.dtype.itemsize, (ext, arr.dtype, decoded.dtype)
+    assert h.sample_bytes == decoded.dtype.itemsize, (h, decoded.dtype)
 
 
 def test_deep_images_count_their_depth_against_the_limit(tmp_path: Path) -> None:
@@ -175,8 +189,8 @@ def test_deep_images_count_their_depth_against_the_limit(tmp_path: Path) -> None
     path.write_bytes(H.hdr_rle(300, 200))
     assert read_image(path, max_pixels=240_000).shape == (200, 300, 3)
     assert _reason(path, max_pixels=239_999) == (
-        "image too large: 300x200 = 0.1 Mpx of 32-bit samples, the memory of 0.2 Mpx at "
-        "8 bits, exceeds the limit of 0.2 Mpx (--max-pixels)"
+        "image too large: 300x200 = 0.1 Mpx; decoding this 32-bit HDR takes the memory of "
+        "0.2 Mpx at 8 bits, over the limit of 0.2 Mpx (--max-pixels)"
     )
 
 
