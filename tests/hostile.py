@@ -12,11 +12,15 @@ Classes:
 * **noisy but valid**: files on which libjpeg, libpng or libtiff print a warning and the
   image is still whole (stray bytes between JPEG segments, a PNG ancillary chunk with a
   bad CRC, a TIFF with an unknown tag);
-* **hostile names**: file names holding a newline, a terminal escape, or bytes that are
-  not UTF-8.
+* **hostile names**: file names holding a newline (and a forged summary line), a
+  terminal escape, a bell, or bytes that are not UTF-8;
+* **at the limit** (:func:`bombs_at_limit`, for measuring only): the worst small files
+  the guard lets through, in every format, each decoded in full.
 
-``python -m tests.hostile DIR`` writes the corpus to DIR (the bombs at the sizes in
-:data:`BOMB_SIZES`), to try by hand with ``convlens run``.
+``python -m tests.hostile DIR`` writes the corpus to DIR, to try by hand with
+``convlens run``; ``python -m tests.hostile --measure DIR`` also writes the at-limit
+files and prints every bomb's peak resident memory (``VmHWM``), each read by
+``read_image`` in a fresh process.
 """
 
 from __future__ import annotations
