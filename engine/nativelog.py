@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 _MARKER = re.compile(rb"CL:([SE])(\d+)")
+_KEEP = 1 << 16  # characters of one decode's messages kept
 
 
 @dataclass
@@ -131,7 +132,8 @@ class _Channel:
         with self._lock:
             alone = len(self._open) == 1
             for cap in self._open.values():
-                cap.text += text
+                if len(cap.text) < _KEEP:  # a decode may warn thousands of times
+                    cap.text += text[: _KEEP - len(cap.text)]
                 cap.alone = cap.alone and alone
 
     def _marker(self, kind: bytes, token: int) -> None:
