@@ -90,10 +90,29 @@ def _imdecode(buf: np.ndarray, header: Header | None) -> np.ndarray | None:
     return img
 
 
+def without_stray_bytes(data: bytes, header: Header | None) -> bytes:
+    """A JPEG without the stray bytes between its header segments.  libjpeg prints only
+    the first warning of an image (later ones are counted, not printed): the warning
+    about those bytes would hide a premature end further on.  The pixels are the same:
+    libjpeg skips them anyway."""
+    if header is None or not header.jpeg_stray:
+        return data
+    parts, at = [], 0
+    for start, end in header.jpeg_stray:
+        parts.append(data[at:start])
+        at = end
+    parts.append(data[at:])
+    return b"".join(parts)
+
+
 def decode_guarded(buf: np.ndarray, header: Header | None) -> np.ndarray | None:
     """``imdecode`` with what the codec libraries print kept off the terminal; for a
     JPEG, libjpeg's own damage warning makes the image corrupt (decoded again alone
-    when another decode printed at the same time, to know whose the warning was)."""
+    when another decode printed at the same time, to know whose the warning was).
+    libjpeg prints the first warning only: a JPEG is passed here without the stray
+    bytes of its header (:func:`without_stray_bytes`), whose warning would come first;
+    one whose first warning is another harmless one (an unknown JFIF revision, a bad
+    ICC chunk, stray bytes between progressive scans) can still hide damage after it."""
     with nativelog.window() as cap:
         img = _imdecode(buf, header)
     if img is None or cap is None or header is None or header.format != "JPEG":

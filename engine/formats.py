@@ -34,7 +34,9 @@ class Header:
     the data's, the size its decoder allocates.  ``sample_bytes`` is the size of one
     decoded sample where the header says it is more than a byte (16-bit PNG, TIFF,
     PNM/PAM: 2; Radiance HDR and PFM, decoded to float32: 4): decoding costs that many
-    times the memory of an 8-bit image of the same size.
+    times the memory of an 8-bit image of the same size.  ``jpeg_stray``: the
+    ``(start, end)`` spans of stray bytes between a JPEG's segments before its first
+    scan (libjpeg skips them with a warning).
     """
 
     format: str
@@ -43,6 +45,7 @@ class Header:
     jpeg_scan: int | None = None
     stated: tuple[int, int] | None = None
     sample_bytes: int = 1
+    jpeg_stray: tuple[tuple[int, int], ...] = ()
 
 
 _JPEG_SOF = frozenset(
@@ -55,6 +58,7 @@ def _sniff_jpeg(d: bytes) -> Header:
     i = 2
     w: int | None = None
     h: int | None = None
+    stray: list[tuple[int, int]] = []
     while i + 4 <= n:
         if d[i] != 0xFF:
             # stray bytes between segments: libjpeg skips them (with a warning), so resync
@@ -62,6 +66,7 @@ def _sniff_jpeg(d: bytes) -> Header:
             nxt = d.find(b"\xff", i)
             if nxt < 0:
                 break
+            stray.append((i, nxt))
             i = nxt
             continue
         marker = d[i + 1]
@@ -74,7 +79,7 @@ def _sniff_jpeg(d: bytes) -> Header:
         if marker == 0xD9:  # EOI before any scan
             break
         if marker == 0xDA:
-            return Header("JPEG", w, h, jpeg_scan=i)
+            return Header("JPEG", w, h, jpeg_scan=i, jpeg_stray=tuple(stray))
         seglen = (d[i + 2] << 8) | d[i + 3]
         if marker in _JPEG_SOF and i + 9 <= n and w is None:
             h = (d[i + 5] << 8) | d[i + 6]

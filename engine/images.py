@@ -49,7 +49,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .codec import BUDGET, DECODE_CAP_PIXELS, ImageError, captures_native, decode_guarded
+from .codec import (
+    BUDGET,
+    DECODE_CAP_PIXELS,
+    ImageError,
+    captures_native,
+    decode_guarded,
+    without_stray_bytes,
+)
 from .contract import InputSpec, Preprocess
 from .discovery import Discovery, discover, file_kind, is_image_name
 from .formats import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_EXTENSIONS, Header, decode_cost, sniff
@@ -176,7 +183,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageError("empty file (0 bytes)")
     header = sniff(data)
     pixels = _check_header(data, header, max_pixels)
-    buf = np.frombuffer(data, np.uint8)
+    buf = np.frombuffer(without_stray_bytes(data, header), np.uint8)
     with BUDGET.hold(pixels):  # up to the 8-bit RGB result: the conversions count too
         img = decode_guarded(buf, header)
         if img is None:

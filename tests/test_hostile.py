@@ -321,6 +321,17 @@ def test_jpeg_cut_mid_scan_with_end_marker_after_the_cut(
 
 
 @needs_capture
+def test_jpeg_damage_after_stray_header_bytes_is_still_seen(tmp_path: Path) -> None:
+    """libjpeg prints only an image's first warning: the one about stray bytes between
+    header segments must not hide the premature end that follows."""
+    data = H.jpeg_stray_bytes(H.jpeg(_photo()))
+    sos = data.find(b"\xff\xda")
+    path = tmp_path / "stray_then_cut.jpg"
+    path.write_bytes(data[: sos + (len(data) - sos) // 2] + b"\xff\xd9")
+    assert "premature end" in _reason(path)
+
+
+@needs_capture
 def test_jpeg_garbage_in_the_scan_is_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "garbage.jpg"
     path.write_bytes(H.jpeg_garbage_in_scan(H.jpeg(_photo())))
