@@ -132,8 +132,10 @@ class _Channel:
         with self._lock:
             alone = len(self._open) == 1
             for cap in self._open.values():
-                if len(cap.text) < _KEEP:  # a decode may warn thousands of times
-                    cap.text += text[: _KEEP - len(cap.text)]
+                cap.text += text
+                if len(cap.text) > _KEEP:  # a decode may warn thousands of times: its
+                    half = _KEEP // 2  # first and latest messages are kept
+                    cap.text = cap.text[:half] + "\n" + cap.text[-half:]
                 cap.alone = cap.alone and alone
 
     def _marker(self, kind: bytes, token: int) -> None:
