@@ -246,18 +246,37 @@ def bombs_at_limit(max_pixels: int = 178_956_970) -> dict[str, bytes]:
     }
 
 
+def photo(seed: int = 1, shape: tuple[int, int] = (96, 128)) -> np.ndarray:
+    """A smooth random RGB picture (blurred noise: compresses like a photo)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(noise, (0, 0), 3)
+
+
+def refusal(path: Path, **kw: int) -> str:
+    """The one-line reason ``read_image`` refuses ``path`` with (fails if it does not)."""
+    import pytest
+
+    from convlens.engine.images import ImageError, read_image
+
+    with pytest.raises(ImageError) as info:
+        read_image(path, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
 def write_corpus(root: Path) -> list[Path]:
     """Every class of the corpus under ``root``; returns the paths written."""
-    rng = np.random.default_rng(1)
-    photo = cv2.GaussianBlur(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8), (0, 0), 3)
-    good = jpeg(photo)
+    picture = photo()
+    good = jpeg(picture)
     files = dict(bombs())
     files["cut_end_marker.jpg"] = jpeg_cut_with_end_marker(good, 0.5)
-    files["cut_end_marker_progressive.jpg"] = jpeg_cut_with_end_marker(jpeg(photo, True), 0.5)
+    files["cut_end_marker_progressive.jpg"] = jpeg_cut_with_end_marker(jpeg(picture, True), 0.5)
     files["garbage_scan.jpg"] = jpeg_garbage_in_scan(good)
     files["stray_bytes.jpg"] = jpeg_stray_bytes(good)
-    files["bad_text_crc.png"] = png_bad_ancillary_crc(photo)
-    files["unknown_tag.tif"] = tiff_unknown_tag(photo)
+    files["bad_text_crc.png"] = png_bad_ancillary_crc(picture)
+    files["unknown_tag.tif"] = tiff_unknown_tag(picture)
     for name in HOSTILE_NAMES:
         files[name] = good
     root.mkdir(parents=True, exist_ok=True)
