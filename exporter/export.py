@@ -34,7 +34,7 @@ from .parity import check_parity, parity_inputs
 from .plan import Plan, make_plan
 from .tfenv import import_tf
 from .trace import Recorder
-from .weights import stream_model
+from .weights import external_view, stream_model
 
 DEFAULT_TOLERANCE = 1e-3  # on max |onnx - reference| / max(1, max |reference|)
 
@@ -158,6 +158,7 @@ def export_loaded(
     tf, keras = import_tf()
     out = Path(out_path)
     unchecked = out.with_name(f".{out.name}.{os.getpid()}.unchecked")  # before parity
+    parity_view = out.with_name(f".{out.name}.{os.getpid()}.view")  # reads unchecked's weights
     inp = _input_spec(model)
     recorder = Recorder(model)
     try:
@@ -186,17 +187,23 @@ def export_loaded(
         proto.producer_name, proto.producer_version = "convlens", __version__
         del proto.metadata_props[:]
         # the weights are read from the variables as they are written, one at a time;
-        # the parity session reads that file, which then gets the metadata (holding the
+        # the parity session reads them from that file (through a view of the graph that
+        # points at them as external data), which then gets the metadata (holding the
         # parity) appended as a second message and takes its final name
-        atomic_write_bytes(unchecked, stream_model(proto, converted.deferred), durable=False)
-        del proto, converted
+        places: dict[str, tuple[int, int]] = {}
+        chunks = stream_model(proto, converted.deferred, places)
+        atomic_write_bytes(unchecked, chunks, durable=False)
+        view = external_view(proto, converted.deferred, unchecked.name, places)
+        atomic_write_bytes(parity_view, view.SerializeToString(), durable=False)
+        del proto, converted, view
         parity = check_parity(
-            tf, model, recorder, plan, fn, str(unchecked), images, with_grads, tolerance
+            tf, model, recorder, plan, fn, str(parity_view), images, with_grads, tolerance
         )
     except BaseException:
         unchecked.unlink(missing_ok=True)
         raise
     finally:
+        parity_view.unlink(missing_ok=True)
         recorder.restore()
     parity.update(source=source, tolerance=tolerance)
     spec.parity = parity

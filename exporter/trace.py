@@ -137,14 +137,63 @@ class Call:
     kind: str
     inputs: Any  # the first positional argument (a tensor, or a list for merge layers)
     output: Any
-    weights: list[Any] = field(default_factory=list)  # numpy, in get_weights() order
-    named: dict[str, Any] = field(default_factory=dict)  # short weight name -> numpy
+    store: LayerWeights | None = None  # the layer's weights, read when asked for
     args: tuple[Any, ...] = ()  # every positional argument
     path: str = ""  # outer/inner
 
     @property
     def input_tensors(self) -> list[Any]:
         return flat(self.args)
+
+    @property
+    def weights(self) -> list[Any]:
+        """numpy, in get_weights() order."""
+        return self.store.arrays if self.store is not None else []
+
+    @property
+    def named(self) -> dict[str, Any]:
+        """short weight name -> numpy."""
+        return self.store.named if self.store is not None else {}
+
+
+class LayerWeights:
+    """A layer's weights as numpy, read the first time they are asked for and kept.
+
+    Only the few layers whose values a rule or the plan needs (BatchNormalization, the
+    classifier) are ever copied; reading every layer's up front held a second copy of
+    the whole model (1.4 GB for ConvNeXtXLarge).  The read is lifted out of any
+    tf.function being traced, where variables cannot be read as numpy.
+    """
+
+    def __init__(self, layer: Any):
+        self.layer = layer
+        self._arrays: list[Any] | None = None
+        self._named: dict[str, Any] = {}
+
+    @property
+    def arrays(self) -> list[Any]:
+        if self._arrays is None:
+            self._arrays, self._named = self._read()
+        return self._arrays
+
+    @property
+    def named(self) -> dict[str, Any]:
+        if self._arrays is None:
+            self._arrays, self._named = self._read()
+        return self._named
+
+    def _read(self) -> tuple[list[Any], dict[str, Any]]:
+        if not hasattr(self.layer, "get_weights"):
+            return [], {}
+        import tensorflow as tf
+
+        with tf.init_scope():
+            arrays = list(self.layer.get_weights())
+        named = {}
+        for var, arr in zip(getattr(self.layer, "weights", []), arrays, strict=False):
+            short = str(getattr(var, "path", None) or var.name).split("/")[-1]
+            named[short.split(":")[0]] = arr
+        return arrays, named
 
 
 @dataclass
@@ -253,15 +302,7 @@ class Recorder:
         self._rewrite: Any = None  # the tf module while rewriting, else None
         self._hooks: dict[str, Callable[[Any], Any]] = {}
         self._originals: list[tuple[Any, Any]] = []
-        # weights read eagerly once: inside tf.function they cannot be read as numpy
-        self.weights: dict[str, tuple[list[Any], dict[str, Any]]] = {}
-        for _, layer in self.leaves:
-            arrays = list(layer.get_weights()) if hasattr(layer, "get_weights") else []
-            named = {}
-            for var, arr in zip(getattr(layer, "weights", []), arrays, strict=False):
-                short = str(getattr(var, "path", None) or var.name).split("/")[-1]
-                named[short.split(":")[0]] = arr
-            self.weights[self.names[id(layer)]] = (arrays, named)
+        self.weights = {self.names[id(layer)]: LayerWeights(layer) for _, layer in self.leaves}
         for _, layer in self.leaves:
             self._wrap(layer)
 
@@ -287,7 +328,6 @@ class Recorder:
             if hook is not None:
                 out = hook(out)
             if active is not None:
-                arrays, named = recorder.weights[name]
                 active.calls.append(
                     Call(
                         layer=layer,
@@ -295,8 +335,7 @@ class Recorder:
                         kind=kind,
                         inputs=args[0] if args else None,
                         output=out,
-                        weights=arrays,
-                        named=named,
+                        store=recorder.weights[name],
                         args=args,
                         path=path,
                     )

@@ -211,25 +211,64 @@ def _equal(d: Deferred, arr: np.ndarray) -> bool:
     return bool(np.array_equal(d.value(), arr))
 
 
-def stream_model(model_proto: Any, deferred: dict[str, Deferred]) -> Iterator[bytes | memoryview]:
+def stream_model(
+    model_proto: Any,
+    deferred: dict[str, Deferred],
+    places: dict[str, tuple[int, int]] | None = None,
+) -> Iterator[bytes | memoryview]:
     """The model file in chunks: ``model_proto`` serialized, then each deferred weight
-    as its own ``ModelProto{graph{initializer}}`` message, read when its turn comes."""
+    as its own ``ModelProto{graph{initializer}}`` message, read when its turn comes.
+    ``places``, when given, receives each weight's (offset, length) in the file."""
     import onnx
     from onnx import helper
 
-    yield model_proto.SerializeToString()
+    head = model_proto.SerializeToString()
+    yield head
+    pos = len(head)
     for name, d in deferred.items():
         values = d.value()
         proto = onnx.TensorProto(name=name, dims=values.shape)
         proto.data_type = helper.np_dtype_to_tensor_dtype(values.dtype)
-        head = proto.SerializeToString()
         raw = values.astype(values.dtype.newbyteorder("<"), copy=False).data.cast("B")
-        tensor = head + _key(9) + _varint(raw.nbytes)
+        tensor = proto.SerializeToString() + _key(9) + _varint(raw.nbytes)
         init = _key(5) + _varint(len(tensor) + raw.nbytes)
-        graph = _key(7) + _varint(len(init) + len(tensor) + raw.nbytes)
-        yield graph + init + tensor
+        prefix = _key(7) + _varint(len(init) + len(tensor) + raw.nbytes) + init + tensor
+        yield prefix
+        pos += len(prefix)
+        if places is not None:
+            places[name] = (pos, raw.nbytes)
         yield raw
+        pos += raw.nbytes
         del values, raw
+
+
+def external_view(
+    model_proto: Any,
+    deferred: dict[str, Deferred],
+    location: str,
+    places: dict[str, tuple[int, int]],
+) -> Any:
+    """``model_proto`` with each deferred weight an external-data initializer that reads
+    its bytes where :func:`stream_model` put them in the file ``location`` (a name in
+    the same folder).  onnxruntime reads external data straight into its tensors: one
+    copy of the weights, where loading the file itself holds 1.6 (ConvNeXtXLarge's
+    1.39 GB took 2.2 GB)."""
+    import onnx
+    from onnx import helper
+
+    view = onnx.ModelProto()
+    view.CopyFrom(model_proto)
+    for name, d in deferred.items():
+        offset, length = places[name]
+        t = view.graph.initializer.add()
+        t.name = name
+        t.dims.extend(d.shape)
+        t.data_type = helper.np_dtype_to_tensor_dtype(d.dtype)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", offset), ("length", length)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
+    return view
 
 
 def _key(field_number: int) -> bytes:

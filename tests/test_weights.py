@@ -11,7 +11,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from convlens.engine.results import atomic_write_bytes
-from convlens.exporter.weights import Deferred, dedupe, fold_layouts, stream_model
+from convlens.exporter.weights import Deferred, dedupe, external_view, fold_layouts, stream_model
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((3, 1, 4, 5)).astype(np.float32)  # HWIO-like, with a 1 to squeeze
@@ -70,8 +70,16 @@ def test_streamed_file_equals_the_unfolded_graph(tmp_path: Path) -> None:
     assert dedupe(model, deferred) == 1  # the initializer twin is the deferred v
     assert "twin" not in {i.name for i in model.graph.initializer}
     path = tmp_path / "m.onnx"
-    atomic_write_bytes(path, stream_model(model, deferred))
+    places: dict[str, tuple[int, int]] = {}
+    atomic_write_bytes(path, stream_model(model, deferred, places))
     assert sorted(reads) == ["v", "v", "w"]  # v once for dedupe, once written; w once
+    data = path.read_bytes()
+    for name, (offset, length) in places.items():  # raw little-endian bytes, in place
+        want = deferred[name].value()
+        assert data[offset : offset + length] == want.astype(want.dtype.newbyteorder("<")).tobytes()
+    view = tmp_path / "view.onnx"  # the parity session's view: external data into m.onnx
+    view.write_bytes(external_view(model, deferred, path.name, places).SerializeToString())
+    assert view.stat().st_size < 1024
 
     loaded = onnx.load(path)  # onnx's own parser merges the appended messages
     onnx.checker.check_model(loaded)
@@ -88,6 +96,11 @@ def test_streamed_file_equals_the_unfolded_graph(tmp_path: Path) -> None:
         _graph(w_as_initializer=True).SerializeToString(), providers=["CPUExecutionProvider"]
     )
     y, twin = ours.run(None, {"x": x})
+    y_view, twin_view = ort.InferenceSession(str(view), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
+    np.testing.assert_array_equal(y_view, y)
+    np.testing.assert_array_equal(twin_view, twin)
     y_ref, twin_ref = plain.run(None, {"x": x})  # onnxruntime doing the layout ops itself
     np.testing.assert_allclose(y, x @ want_w + V[:3], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(y, y_ref)
