@@ -55,3 +55,9 @@ def demo_model() -> tuple[Path, Path]:
     from convlens.pipeline import demo_paths
 
     return demo_paths()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (stable otherwise): with one worker per core (.ci/run), the long
+    backbone exports start at once instead of ending the run on one busy worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

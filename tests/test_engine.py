@@ -309,21 +309,7 @@ def test_not_an_analysis_model_is_refused(tmp_path: Path, demo_model: tuple[Path
     plain = tmp_path / "plain.onnx"
     onnx.save(m, str(plain))
     for model in (plain, demo_model[1] / "brick" / "brick_1.jpg"):
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "convlens.cli",
-                "run",
-                str(model),
-                str(demo_model[1]),
-                "-o",
-                str(tmp_path / "o"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        r = _cli_run(str(model), str(demo_model[1]), "-o", str(tmp_path / "o"))
         assert r.returncode == 2
         assert r.stderr.count("\n") == 1 and "convlens export" in r.stderr, r.stderr
 
@@ -335,22 +321,7 @@ def test_options_errors_are_one_line(demo_model: tuple[Path, Path], tmp_path: Pa
         (["--class", "marble"], "not a class of this model"),
         (["--device", "cuda"], "CUDA not available"),
     ]:
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "convlens.cli",
-                "run",
-                str(model),
-                str(photos),
-                "-o",
-                str(tmp_path / "o"),
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        r = _cli_run(str(model), str(photos), "-o", str(tmp_path / "o"), *args)
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
