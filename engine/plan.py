@@ -77,7 +77,10 @@ class RunOptions:
     max_pixels: int = field(
         default=DEFAULT_MAX_PIXELS,
         metadata=_doc(
-            "Refuse images with more pixels (decompression-bomb guard); 0 disables.", min=0
+            "Refuse images whose decode would need more pixels, weighted by what decoding "
+            "the format and depth costs; read from the header, before decoding. 0 lifts "
+            "this guard (OpenCV's own cap, OPENCV_IO_MAX_IMAGE_PIXELS, still holds).",
+            min=0,
         ),
     )
     force: bool = field(
