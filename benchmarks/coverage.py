@@ -37,6 +37,7 @@ def one(arch: str, form: str, size: int) -> dict[str, Any]:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as `convlens export` has it (tfenv)
     from backbones import build
 
     from convlens.engine import contract as C
