@@ -321,5 +321,32 @@ def demo(outdir: Path, **kw: Any) -> None:
     _analyze(str(model), [str(photos)], outdir, **kw)
 
 
+@main.command()
+@click.argument("run_a", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_b", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the comparison report (not either run).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary figures as JSON.")
+@one_line_errors
+def compare(run_a: Path, run_b: Path, out: Path, as_json: bool) -> None:
+    """What changed from run A to run B (two model versions over the same images, or one
+    model over two datasets): flipped predictions, moved CAMs, died channels.  Inputs are
+    matched by their path relative to each run's input root; what cannot be compared is
+    named in the report."""
+    from convlens.reports.compare import compare as compare_runs
+
+    s = compare_runs(run_a, run_b, out)
+    if as_json:
+        click.echo(json.dumps(s.to_json(), indent=2))
+    say(f"compared {s.compared} inputs: {s.agree} agree, {sum(s.flips.values())} changed")
+    say(f"report: {s.report}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,202 @@
+"""Reading one run directory for ``convlens compare``, and matching the inputs of two.
+
+Inputs are matched by the path each record stores relative to the input root its run
+was given (``relpath``, OUTDIR.md): two runs over copies of one dataset in different
+places (``/data/v1/cats/1.jpg``, ``/mnt/v1/cats/1.jpg``) match, as do two dataset
+versions with the same layout.  What is left over is then matched by whole path
+components when one relpath ends with the other and that match is unique both ways (a
+run given ``photos/`` has ``cats/1.jpg`` where a run given ``photos/cats/`` has
+``1.jpg``).  A relpath held by several inputs of one run (two input roots with the same
+layout) is matched where the absolute paths are equal, and is otherwise counted
+ambiguous and left out.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+from convlens.engine.outdir import MAPS, RESULTS, STATS_JSON, read_results, read_run_json
+
+from .assets import safe_id
+from .data import (
+    AssetIndex,
+    ImageEntry,
+    LayerStats,
+    RunInfo,
+    read_entries,
+    read_json,
+    read_run,
+    read_stats,
+)
+from .pages import class_names
+
+
+class NotARunError(ValueError):
+    """A path given as a run directory is not one (one line)."""
+
+
+@dataclass
+class Side:
+    """One run directory, read once through the contract's and the report's readers."""
+
+    outdir: Path
+    run: RunInfo
+    names: list[str]  # class names, by index
+    entries: list[ImageEntry]  # ok images by relpath, then failed inputs
+    maps: dict[str, Path]  # entry id -> its maps/<id>.npz (--save-maps)
+    layers: list[LayerStats]
+    stats: dict[str, Any]  # stats.json per layer (per-channel lists)
+    assets: AssetIndex
+    notes: list[str]
+    bad_lines: int
+    duplicates: int
+
+    @property
+    def model_sha1(self) -> str | None:
+        fp = self.run.extra.get("fingerprint")
+        sha = fp.get("model_sha1") if isinstance(fp, dict) else None
+        return sha if isinstance(sha, str) else None
+
+    @property
+    def cam_layer(self) -> str | None:
+        layer = (self.run.spec or {}).get("cam_layer")
+        return None if layer is None else str(layer)
+
+    def index_of(self, name: str) -> int | None:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            return None
+
+
+def _map_path(outdir: Path, rel: str | None) -> Path | None:
+    """A record's ``maps`` field as a path inside ``outdir/maps`` (anything else: None)."""
+    if not rel:
+        return None
+    parts = PurePath(rel).parts
+    if len(parts) != 2 or parts[0] != MAPS or parts[1] in ("..", ".") or "\\" in rel:
+        return None
+    return outdir / MAPS / parts[1]
+
+
+def read_side(outdir: str | Path) -> Side:
+    """Read a run directory.  Raises :class:`NotARunError` when it has no results.jsonl
+    and ``RunJsonError`` (both ValueError, one line) when its run.json is damaged: the
+    comparison needs to know each run's model."""
+    root = Path(outdir)
+    if not root.is_dir() or not (root / RESULTS).is_file():
+        raise NotARunError(f"{root}: not a convlens run directory (no {RESULTS})")
+    read_run_json(root)  # a damaged run.json raises here
+    notes: list[str] = []
+    run = read_run(root, notes)
+    results = read_entries(root, run.class_names)
+    maps: dict[str, Path] = {}
+    for rec in read_results(root).records:
+        path = _map_path(root, rec.maps) if rec.ok else None
+        if path is not None:
+            maps.setdefault(safe_id(rec.id), path)  # the first record of an id, as entries
+    layers = read_stats(root, run.spec, notes)
+    raw = read_json(root / STATS_JSON, [])  # read_stats has noted a damaged file
+    nested = raw.get("layers")
+    stats = nested if isinstance(nested, dict) else raw
+    return Side(
+        outdir=root,
+        run=run,
+        names=class_names(run, results),
+        entries=results.entries,
+        maps=maps,
+        layers=layers,
+        stats=stats,
+        assets=AssetIndex.scan(root),
+        notes=notes,
+        bad_lines=results.bad_lines,
+        duplicates=results.duplicates,
+    )
+
+
+@dataclass
+class Matching:
+    pairs: list[tuple[ImageEntry, ImageEntry]]  # in A's order
+    only_a: list[ImageEntry]
+    only_b: list[ImageEntry]
+    ambiguous: int  # inputs (both runs) left out because their relpath is not unique
+    by_suffix: int  # pairs matched by the common suffix rule
+
+
+def _parts(e: ImageEntry) -> tuple[str, ...]:
+    return PurePath(e.relpath).parts
+
+
+def match_inputs(a: list[ImageEntry], b: list[ImageEntry]) -> Matching:
+    """Pairs of inputs of two runs (module docstring)."""
+    by_rel_a: dict[str, list[ImageEntry]] = defaultdict(list)
+    by_rel_b: dict[str, list[ImageEntry]] = defaultdict(list)
+    for e in a:
+        by_rel_a[e.relpath].append(e)
+    for e in b:
+        by_rel_b[e.relpath].append(e)
+    paired: dict[str, ImageEntry] = {}  # A's id -> B's entry
+    used_b: set[str] = set()
+    ambiguous = 0
+    for rel, group_a in by_rel_a.items():
+        group_b = by_rel_b.get(rel, [])
+        if len(group_a) == 1 and len(group_b) == 1:
+            paired[group_a[0].id] = group_b[0]
+            used_b.add(group_b[0].id)
+        elif group_b:
+            by_path = {e.path: e for e in group_b}
+            for ea in group_a:
+                eb = by_path.get(ea.path)
+                if eb is not None and eb.id not in used_b:
+                    paired[ea.id] = eb
+                    used_b.add(eb.id)
+            ambiguous += sum(1 for e in group_a if e.id not in paired)
+            ambiguous += sum(1 for e in group_b if e.id not in used_b)
+    # inputs whose relpath the other run has too but that stayed unpaired: ambiguous
+    left_a = [e for e in a if e.id not in paired and e.relpath not in by_rel_b]
+    left_b = [e for e in b if e.id not in used_b and e.relpath not in by_rel_a]
+    suffix = _suffix_pairs(left_a, left_b)
+    for ea, eb in suffix:
+        paired[ea.id] = eb
+        used_b.add(eb.id)
+    return Matching(
+        pairs=[(e, paired[e.id]) for e in a if e.id in paired],
+        only_a=[e for e in left_a if e.id not in paired],
+        only_b=[e for e in left_b if e.id not in used_b],
+        ambiguous=ambiguous,
+        by_suffix=len(suffix),
+    )
+
+
+def _suffix_pairs(a: list[ImageEntry], b: list[ImageEntry]) -> list[tuple[ImageEntry, ImageEntry]]:
+    """Pairs where one relpath's components end the other's, unique both ways."""
+
+    def candidates(x: list[ImageEntry], y: list[ImageEntry]) -> dict[str, list[ImageEntry]]:
+        full: dict[tuple[str, ...], list[ImageEntry]] = defaultdict(list)
+        ends: dict[tuple[str, ...], list[ImageEntry]] = defaultdict(list)
+        for e in y:
+            p = _parts(e)
+            full[p].append(e)
+            for i in range(1, len(p)):
+                ends[p[i:]].append(e)
+        out: dict[str, list[ImageEntry]] = {}
+        for e in x:
+            p = _parts(e)
+            found = {c.id: c for c in ends.get(p, [])}  # y ends with x
+            for i in range(1, len(p)):  # x ends with y
+                found.update((c.id, c) for c in full.get(p[i:], []))
+            out[e.id] = list(found.values())
+        return out
+
+    if not a or not b:
+        return []
+    from_a, from_b = candidates(a, b), candidates(b, a)
+    pairs = []
+    for ea in a:
+        cands = from_a[ea.id]
+        if len(cands) == 1 and [c.id for c in from_b[cands[0].id]] == [ea.id]:
+            pairs.append((ea, cands[0]))
+    return pairs
