@@ -149,7 +149,7 @@ def _views(c: Comparison, w: Writer) -> dict[str, PairView]:
                     f"{base}/{e.id}.html" if e.id in pages else None,
                 )
             )
-        views[p.pid] = PairView(p, halves[0], halves[1], FLIP_TEXT.get(p.change, "same"))
+        views[p.pid] = PairView(p, halves[0], halves[1], FLIP_TEXT.get(p.change, "same prediction"))
     order = list(views)
     for i, pid in enumerate(order):
         v = views[pid]
