@@ -13,18 +13,25 @@ similarity figures (Pearson r, top-15 % IoU) are defined in
 from __future__ import annotations
 
 import statistics
-import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convlens.engine.outdir import CLASS_CAMS
-
-from .compare_figures import TOP_FRACTION, LayerDelta, layer_delta, pearson_r, top_iou
-from .compare_match import Matching, Side, match_inputs, read_side
+from .compare_figures import TOP_FRACTION, LayerDelta, pearson_r, top_iou
+from .compare_match import (
+    ClassCamDelta,
+    Matching,
+    Side,
+    class_cams,
+    layer_deltas,
+    load_npz,
+    match_inputs,
+    mismatches_of,
+    read_side,
+)
 from .data import ImageEntry
 
 SAME, RIGHT_TO_WRONG, WRONG_TO_RIGHT, OTHER = "same", "right_to_wrong", "wrong_to_right", "other"
@@ -32,7 +39,6 @@ FAILED = "failed"  # failed in one run or both
 #: order of the flips gallery
 FLIP_ORDER = (RIGHT_TO_WRONG, WRONG_TO_RIGHT, OTHER)
 FLIP_TEXT = {RIGHT_TO_WRONG: "right → wrong", WRONG_TO_RIGHT: "wrong → right", OTHER: "changed"}
-_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 
 
 @dataclass
@@ -78,21 +84,6 @@ class ClassAccuracy:
     @property
     def delta(self) -> float:
         return self.accuracy_b - self.accuracy_a
-
-
-@dataclass
-class ClassCamDelta:
-    """A class's mean CAMs (class_cams.npz) in both runs and how far they moved."""
-
-    name: str
-    index_a: int
-    index_b: int
-    count_a: int | None
-    count_b: int | None
-    r: float | None
-    iou: float | None
-    map_a: np.ndarray = field(repr=False, compare=False)
-    map_b: np.ndarray = field(repr=False, compare=False)
 
 
 @dataclass
@@ -200,15 +191,6 @@ def change_of(a: ImageEntry, b: ImageEntry) -> str:
     return SAME if a.top.name == b.top.name else OTHER
 
 
-def _load_npz(path: Path, notes: list[str], what: str) -> dict[str, np.ndarray] | None:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: np.asarray(npz[k]) for k in npz.files}
-    except _NPZ_ERRORS as exc:
-        notes.append(f"{what} could not be read ({type(exc).__name__}); left out")
-        return None
-
-
 def _cam_pair(
     pair: Pair, a: Side, b: Side, notes: list[str], hook: MapsHook | None
 ) -> CamPair | None:
@@ -216,8 +198,8 @@ def _cam_pair(
     methods = [m for m in pair.a.cam_methods if m in pair.b.cam_methods]
     if pa is None or pb is None or not methods:
         return None
-    ma = _load_npz(pa, notes, f"run A's maps of {pair.key}")
-    mb = _load_npz(pb, notes, f"run B's maps of {pair.key}") if ma is not None else None
+    ma = load_npz(pa, notes, f"run A's maps of {pair.key}")
+    mb = load_npz(pb, notes, f"run B's maps of {pair.key}") if ma is not None else None
     if ma is None or mb is None:
         return None
     names = [e.top.name for e in (pair.a, pair.b) if e.top]
@@ -239,96 +221,6 @@ def _cam_pair(
     return None
 
 
-def _class_cams(a: Side, b: Side, notes: list[str]) -> list[ClassCamDelta]:
-    docs = []
-    for side, label in ((a, "A"), (b, "B")):
-        path = side.outdir / CLASS_CAMS
-        doc = _load_npz(path, notes, f"run {label}'s {CLASS_CAMS}") if path.exists() else None
-        docs.append(doc or {})
-    da, db = docs
-    out = []
-    for ia, name in enumerate(a.names):
-        ib = b.index_of(name)
-        ka, kb = f"class_{ia}", f"class_{ib}"
-        if ib is None or ka not in da or kb not in db:
-            continue
-        x, y = da[ka].astype(np.float32), db[kb].astype(np.float32)
-        if x.ndim != 2 or y.ndim != 2 or 0 in x.shape or 0 in y.shape:
-            continue
-
-        def count(doc: dict[str, np.ndarray], i: int) -> int | None:
-            c = doc.get("counts")
-            return int(c.ravel()[i]) if c is not None and i < c.size else None
-
-        r, iou = pearson_r(x, y), top_iou(x, y)
-        out.append(ClassCamDelta(name, ia, ib, count(da, ia), count(db, ib), r, iou, x, y))
-    return out
-
-
-def _layers(a: Side, b: Side, mismatches: list[str]) -> list[LayerDelta]:
-    by_b = {st.name: st for st in b.layers}
-    out = []
-    for st in a.layers:
-        other = by_b.get(st.name)
-        if other is None:
-            mismatches.append(f"layer {st.name} is only in run A: not compared")
-        elif st.shape != other.shape:
-            sa, sb = "×".join(map(str, st.shape)), "×".join(map(str, other.shape))
-            mismatches.append(f"layer {st.name} is {sa} in run A, {sb} in run B: not compared")
-        else:
-            sa_, sb_ = a.stats.get(st.name), b.stats.get(st.name)
-            out.append(
-                layer_delta(
-                    st.name,
-                    st.shape,
-                    st.dead,
-                    other.dead,
-                    sa_ if isinstance(sa_, dict) else {},
-                    sb_ if isinstance(sb_, dict) else {},
-                )
-            )
-    names_a = {st.name for st in a.layers}
-    for st in b.layers:
-        if st.name not in names_a:
-            mismatches.append(f"layer {st.name} is only in run B: not compared")
-    return out
-
-
-def _mismatches(a: Side, b: Side, m: Matching) -> list[str]:
-    out = []
-    only_a = [n for n in a.names if n not in b.names]
-    only_b = [n for n in b.names if n not in a.names]
-    if only_a or only_b:
-        out.append(
-            "class names differ (matched by name): "
-            + "; ".join(
-                f"only in run {s}: {', '.join(ns[:20])}{' …' if len(ns) > 20 else ''}"
-                for s, ns in (("A", only_a), ("B", only_b))
-                if ns
-            )
-        )
-    elif a.names != b.names:
-        out.append("the classes are in another order in run B (matched by name)")
-    if a.cam_layer != b.cam_layer:
-        out.append(f"CAM layers differ: {a.cam_layer} in run A, {b.cam_layer} in run B")
-    for side, label in ((a, "A"), (b, "B")):
-        if not side.maps:
-            out.append(
-                f"run {label} has no saved maps (run it with --save-maps): "
-                "per-image CAM similarity not computed"
-            )
-        if not side.layers:
-            out.append(f"run {label} has no activation statistics (stats.json)")
-    if m.only_a or m.only_b:
-        out.append(
-            f"{len(m.only_a)} inputs only in run A and {len(m.only_b)} only in run B "
-            "(matched by relative path)"
-        )
-    if m.ambiguous:
-        out.append(f"{m.ambiguous} inputs share a relative path with another input: left out")
-    return out
-
-
 def read_comparison(
     run_a: str | Path, run_b: str | Path, on_maps: MapsHook | None = None
 ) -> Comparison:
@@ -338,7 +230,7 @@ def read_comparison(
     run.json is damaged."""
     a, b = read_side(run_a), read_side(run_b)
     m = match_inputs(a.entries, b.entries)
-    mismatches = _mismatches(a, b, m)
+    mismatches = mismatches_of(a, b, m)
     notes: list[str] = []
     pairs = [Pair(ea.relpath, f"{ea.id}-{eb.id}", ea, eb, change_of(ea, eb)) for ea, eb in m.pairs]
     for p in pairs:
@@ -357,8 +249,8 @@ def read_comparison(
         row.correct_b += bool(p.b.correct)
     if compared and not labelled:
         mismatches.append("no compared input has a known true class in both runs: no accuracy")
-    class_cams = _class_cams(a, b, notes)
-    layers = _layers(a, b, mismatches)
+    cams = class_cams(a, b, notes)
+    layers = layer_deltas(a, b, mismatches)
     rs = [p.cam.r for p in compared if p.cam and p.cam.r is not None]
     ious = [p.cam.iou for p in compared if p.cam and p.cam.iou is not None]
     methods = sorted({p.cam.method for p in compared if p.cam})
@@ -390,7 +282,7 @@ def read_comparison(
         median_iou=statistics.median(ious) if ious else None,
         class_cams=[
             {"name": c.name, "count_a": c.count_a, "count_b": c.count_b, "r": c.r, "iou": c.iou}
-            for c in class_cams
+            for c in cams
         ],
         layers=[
             {
@@ -404,7 +296,7 @@ def read_comparison(
         ],
         mismatches=mismatches + notes,
     )
-    return Comparison(a, b, m, pairs, class_cams, layers, summary)
+    return Comparison(a, b, m, pairs, cams, layers, summary)
 
 
 def _same_top(p: Pair) -> bool:

@@ -1,4 +1,6 @@
-"""Reading one run directory for ``convlens compare``, and matching the inputs of two.
+"""Reading one run directory for ``convlens compare``, and matching two: their inputs,
+classes (by name), layers (by name and shape) and mean CAMs; what does not match is
+named (:func:`mismatches_of`).
 
 Inputs are matched by the path each record stores relative to the input root its run
 was given (``relpath``, OUTDIR.md): two runs over copies of one dataset in different
@@ -13,14 +15,25 @@ ambiguous and left out.
 
 from __future__ import annotations
 
+import zipfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from convlens.engine.outdir import MAPS, RESULTS, STATS_JSON, read_results, read_run_json
+import numpy as np
+
+from convlens.engine.outdir import (
+    CLASS_CAMS,
+    MAPS,
+    RESULTS,
+    STATS_JSON,
+    read_results,
+    read_run_json,
+)
 
 from .assets import safe_id
+from .compare_figures import LayerDelta, layer_delta, pearson_r, top_iou
 from .data import (
     AssetIndex,
     ImageEntry,
@@ -32,6 +45,8 @@ from .data import (
     read_stats,
 )
 from .pages import class_names
+
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 
 
 class NotARunError(ValueError):
@@ -200,3 +215,117 @@ def _suffix_pairs(a: list[ImageEntry], b: list[ImageEntry]) -> list[tuple[ImageE
         if len(cands) == 1 and [c.id for c in from_b[cands[0].id]] == [ea.id]:
             pairs.append((ea, cands[0]))
     return pairs
+
+
+@dataclass
+class ClassCamDelta:
+    """A class's mean CAMs (class_cams.npz) in both runs and how far they moved."""
+
+    name: str
+    index_a: int
+    index_b: int
+    count_a: int | None
+    count_b: int | None
+    r: float | None
+    iou: float | None
+    map_a: np.ndarray = field(repr=False, compare=False)
+    map_b: np.ndarray = field(repr=False, compare=False)
+
+
+def load_npz(path: Path, notes: list[str], what: str) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: np.asarray(npz[k]) for k in npz.files}
+    except _NPZ_ERRORS as exc:
+        notes.append(f"{what} could not be read ({type(exc).__name__}); left out")
+        return None
+
+
+def class_cams(a: Side, b: Side, notes: list[str]) -> list[ClassCamDelta]:
+    docs = []
+    for side, label in ((a, "A"), (b, "B")):
+        path = side.outdir / CLASS_CAMS
+        doc = load_npz(path, notes, f"run {label}'s {CLASS_CAMS}") if path.exists() else None
+        docs.append(doc or {})
+    da, db = docs
+    out = []
+    for ia, name in enumerate(a.names):
+        ib = b.index_of(name)
+        ka, kb = f"class_{ia}", f"class_{ib}"
+        if ib is None or ka not in da or kb not in db:
+            continue
+        x, y = da[ka].astype(np.float32), db[kb].astype(np.float32)
+        if x.ndim != 2 or y.ndim != 2 or 0 in x.shape or 0 in y.shape:
+            continue
+
+        def count(doc: dict[str, np.ndarray], i: int) -> int | None:
+            c = doc.get("counts")
+            return int(c.ravel()[i]) if c is not None and i < c.size else None
+
+        r, iou = pearson_r(x, y), top_iou(x, y)
+        out.append(ClassCamDelta(name, ia, ib, count(da, ia), count(db, ib), r, iou, x, y))
+    return out
+
+
+def layer_deltas(a: Side, b: Side, mismatches: list[str]) -> list[LayerDelta]:
+    by_b = {st.name: st for st in b.layers}
+    out = []
+    for st in a.layers:
+        other = by_b.get(st.name)
+        if other is None:
+            mismatches.append(f"layer {st.name} is only in run A: not compared")
+        elif st.shape != other.shape:
+            sa, sb = "×".join(map(str, st.shape)), "×".join(map(str, other.shape))
+            mismatches.append(f"layer {st.name} is {sa} in run A, {sb} in run B: not compared")
+        else:
+            sa_, sb_ = a.stats.get(st.name), b.stats.get(st.name)
+            out.append(
+                layer_delta(
+                    st.name,
+                    st.shape,
+                    st.dead,
+                    other.dead,
+                    sa_ if isinstance(sa_, dict) else {},
+                    sb_ if isinstance(sb_, dict) else {},
+                )
+            )
+    names_a = {st.name for st in a.layers}
+    for st in b.layers:
+        if st.name not in names_a:
+            mismatches.append(f"layer {st.name} is only in run B: not compared")
+    return out
+
+
+def mismatches_of(a: Side, b: Side, m: Matching) -> list[str]:
+    out = []
+    only_a = [n for n in a.names if n not in b.names]
+    only_b = [n for n in b.names if n not in a.names]
+    if only_a or only_b:
+        out.append(
+            "class names differ (matched by name): "
+            + "; ".join(
+                f"only in run {s}: {', '.join(ns[:20])}{' …' if len(ns) > 20 else ''}"
+                for s, ns in (("A", only_a), ("B", only_b))
+                if ns
+            )
+        )
+    elif a.names != b.names:
+        out.append("the classes are in another order in run B (matched by name)")
+    if a.cam_layer != b.cam_layer:
+        out.append(f"CAM layers differ: {a.cam_layer} in run A, {b.cam_layer} in run B")
+    for side, label in ((a, "A"), (b, "B")):
+        if not side.maps:
+            out.append(
+                f"run {label} has no saved maps (run it with --save-maps): "
+                "per-image CAM similarity not computed"
+            )
+        if not side.layers:
+            out.append(f"run {label} has no activation statistics (stats.json)")
+    if m.only_a or m.only_b:
+        out.append(
+            f"{len(m.only_a)} inputs only in run A and {len(m.only_b)} only in run B "
+            "(matched by relative path)"
+        )
+    if m.ambiguous:
+        out.append(f"{m.ambiguous} inputs share a relative path with another input: left out")
+    return out

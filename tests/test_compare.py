@@ -16,6 +16,9 @@ from test_reports_browser import SCREENSHOTS, Watched, _url, browser  # noqa: F4
 
 from convlens.cli import main
 from convlens.reports.compare import FLIP_ORDER, compare, read_comparison
+from convlens.reports.compare_figures import pearson_r, top_iou, top_mask
+from convlens.reports.compare_match import match_inputs
+from convlens.reports.data import ImageEntry
 
 from report_fixtures import XSS_NAME
 
@@ -227,6 +230,59 @@ def test_report_files_and_links(runs: Runs, report: tuple[Path, Any]) -> None:
     assert all(t.exists() for t in targets) and not any(h.startswith("/") for h in links)
     assert XSS_NAME not in (out / "index.html").read_text()  # escaped, never raw
     assert s.report == str(out / "index.html")
+
+
+# ---- pure parts -------------------------------------------------------------------------
+def _entry(rid: str, rel: str, path: str = "") -> ImageEntry:
+    return ImageEntry(rid, path or f"/r/{rel}", rel, True, None, 1, 1, [], None, None, [], [])
+
+
+def test_matching_rules() -> None:
+    """Exact relpath first; a relpath several inputs share is paired by absolute path
+    or counted ambiguous; what is left by whole trailing components, unique both ways."""
+    a = [
+        _entry("a1", "cats/1.jpg"),
+        _entry("a2", "cats/2.jpg"),
+        _entry("a3", "dogs/3.jpg"),
+        _entry("a4", "dup.jpg", "/r1/dup.jpg"),
+        _entry("a5", "dup.jpg", "/r2/dup.jpg"),
+        _entry("a6", "p/x.jpg"),
+        _entry("a7", "q/x.jpg"),
+        _entry("a8", "ats/9.jpg"),
+    ]
+    b = [
+        _entry("b1", "cats/1.jpg", "/elsewhere/cats/1.jpg"),
+        _entry("b2", "2.jpg"),
+        _entry("b3", "3.jpg"),
+        _entry("b4", "dup.jpg", "/r1/dup.jpg"),
+        _entry("b6", "x.jpg"),  # ends both p/x.jpg and q/x.jpg: not matched
+        _entry("b8", "cats/9.jpg"),  # "ats/9.jpg" is not a whole-component end of it
+    ]
+    m = match_inputs(a, b)
+    pairs = {(x.id, y.id) for x, y in m.pairs}
+    assert pairs == {("a1", "b1"), ("a2", "b2"), ("a3", "b3"), ("a4", "b4")}
+    assert m.by_suffix == 2 and m.ambiguous == 1
+    assert {e.id for e in m.only_a} == {"a6", "a7", "a8"}
+    assert {e.id for e in m.only_b} == {"b6", "b8"}
+
+
+def test_similarity_figures() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.random((7, 7))
+    assert pearson_r(x, x) == pytest.approx(1.0) and top_iou(x, x) == 1.0
+    assert pearson_r(x, -x) == pytest.approx(-1.0) and top_iou(x, -x) == 0.0
+    assert pearson_r(x, 3 * x + 2) == pytest.approx(1.0)  # scale and offset do not count
+    flat = np.zeros((4, 4))
+    assert pearson_r(x[:4, :4], flat) is None and top_iou(flat, x[:4, :4]) is None
+    # ties at the threshold are in the top set: k = round(0.15 * 16) = 2, three cells tie
+    tied = np.zeros((4, 4))
+    tied.flat[[0, 5, 9]] = 1.0
+    mask = top_mask(tied)
+    assert mask is not None and int(mask.sum()) == 3
+    # another resolution: resized (bilinear) to the first map's shape
+    big = np.kron(x, np.ones((2, 2)))
+    r = pearson_r(x, big)
+    assert r is not None and r > 0.9
 
 
 # ---- in a real browser -----------------------------------------------------------------
