@@ -47,6 +47,8 @@ class CAMMethod:
     """Base class: validates inputs, computes raw maps, applies the final ReLU."""
 
     name: str = ""
+    #: the name as people write it (reports, summaries); ``name`` is the id in files
+    label: str = ""
     needs_gradients: bool = False
     needs_weights: bool = False
     class_agnostic: bool = False
@@ -134,6 +136,7 @@ class CAM(CAMMethod):
     """
 
     name = "cam"
+    label = "CAM"
     needs_weights = True
     reference = "Zhou et al. 2016"
 
@@ -157,6 +160,7 @@ class GradCAM(CAMMethod):
     """
 
     name = "gradcam"
+    label = "Grad-CAM"
     needs_gradients = True
     reference = "Selvaraju et al. 2017"
 
@@ -189,6 +193,7 @@ class GradCAMpp(CAMMethod):
     """
 
     name = "gradcampp"
+    label = "Grad-CAM++"
     needs_gradients = True
     reference = "Chattopadhyay et al. 2018"
 
@@ -222,6 +227,7 @@ class LayerCAM(CAMMethod):
     """
 
     name = "layercam"
+    label = "LayerCAM"
     needs_gradients = True
     reference = "Jiang et al. 2021"
 
@@ -254,6 +260,7 @@ class EigenCAM(CAMMethod):
     """
 
     name = "eigencam"
+    label = "Eigen-CAM"
     class_agnostic = True
     reference = "Muhammad & Yeasin 2020"
 

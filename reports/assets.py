@@ -22,8 +22,8 @@ CAM heatmaps
     smooth scaling.  (Blending a thumbnail-sized overlay here and JPEG-encoding it cost
     ~0.9 ms a map; this costs ~0.02 ms.)  Why not the map's own 16x16: the browser
     interpolates colours, not map values, and between two far-apart values of the colour
-    map (deep blue next to red) that is a muddy purple instead of the map's
-    cyan-green-yellow ramp, visible around every hot spot.  At 3x that is gone.
+    map (black next to pale yellow) that is a straight blend instead of the map's
+    purple-red-orange ramp, visible around every hot spot.  At 3x that is gone.
 
 Grid policy (``grids=``)
     ``"all"``, ``"sample"`` or ``"none"``: see :mod:`convlens.reports.gridpolicy`.  With

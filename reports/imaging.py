@@ -16,11 +16,24 @@ import numpy as np
 
 from convlens.engine.results import atomic_write_bytes as write_atomically
 
-#: colour maps (OpenCV ids) and their names, used for overlays, grids and the legends
-CAM_COLORMAP = cv2.COLORMAP_TURBO
-CAM_COLORMAP_NAME = "turbo"
-GRID_COLORMAP = cv2.COLORMAP_VIRIDIS
+#: colour maps by the name assets.json records (OpenCV ids); the report draws the legend
+#: of the map a run's files were made with (older runs: turbo)
+COLORMAPS = {
+    "inferno": cv2.COLORMAP_INFERNO,
+    "magma": cv2.COLORMAP_MAGMA,
+    "plasma": cv2.COLORMAP_PLASMA,
+    "viridis": cv2.COLORMAP_VIRIDIS,
+    "cividis": cv2.COLORMAP_CIVIDIS,
+    "turbo": cv2.COLORMAP_TURBO,
+    "jet": cv2.COLORMAP_JET,
+}
+#: CAM heatmaps: inferno, perceptually uniform (lightness rises steadily from black through
+#: red to pale yellow, so "more yellow" always reads as "more"; turbo's bright cyan and
+#: green middle read as hotter than its dark red top) and told apart from the grids
+CAM_COLORMAP_NAME = "inferno"
+CAM_COLORMAP = COLORMAPS[CAM_COLORMAP_NAME]
 GRID_COLORMAP_NAME = "viridis"
+GRID_COLORMAP = COLORMAPS[GRID_COLORMAP_NAME]
 OVERLAY_ALPHA = 0.5
 
 #: activation grid layout: ``GRID_COLS`` tiles a row, ``GRID_GAP`` px between tiles.

@@ -36,9 +36,8 @@ from .data import (
 )
 from .formatting import fmt_num
 from .imaging import (
-    CAM_COLORMAP,
     CAM_COLORMAP_NAME,
-    GRID_COLORMAP,
+    COLORMAPS,
     GRID_COLORMAP_NAME,
     OVERLAY_ALPHA,
     encode_image,
@@ -63,7 +62,6 @@ STATIC_FILES = ("report.css", "report.js")
 GALLERY_JS = "gallery-data.js"
 GALLERY_GLOBAL = "CONVLENS_GALLERY"
 DEFAULT_PAGE_SIZE = 100
-CLASS_CAM_SIDE = 128
 GRIDS_HINT = "convlens run ... --grids all"
 
 
@@ -98,13 +96,21 @@ def make_env() -> Environment:
     return env
 
 
-def _copy_static(outdir: Path) -> None:
+def _copy_static(outdir: Path, colormaps: tuple[str, ...]) -> None:
     dest = outdir / "static"
     dest.mkdir(parents=True, exist_ok=True)
     for name in STATIC_FILES:
         write_if_changed(dest / name, (STATIC / name).read_bytes())
-    for cmap, cname in ((CAM_COLORMAP, CAM_COLORMAP_NAME), (GRID_COLORMAP, GRID_COLORMAP_NAME)):
-        write_if_changed(dest / f"cmap-{cname}.png", encode_image(legend_bar(cmap), ".png"))
+    for cname in colormaps:
+        bar = encode_image(legend_bar(COLORMAPS[cname]), ".png")
+        write_if_changed(dest / f"cmap-{cname}.png", bar)
+
+
+def cam_colormap_of(assets: dict[str, Any]) -> str:
+    """The colour map the run's CAM files were made with (assets.json says; a name this
+    version does not know, or none: this version's)."""
+    name = assets.get("cam_colormap")
+    return name if isinstance(name, str) and name in COLORMAPS else CAM_COLORMAP_NAME
 
 
 def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
@@ -123,6 +129,7 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
     run = read_run(outdir, notes)
     results = read_entries(outdir, run.class_names)
     names = class_names(run, results)
+    cam_cmap = cam_colormap_of(run.assets)
     ctx = ReportContext(
         outdir=outdir,
         run=run,
@@ -130,11 +137,12 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
         layers=read_stats(outdir, run.spec, notes),
         assets=AssetIndex.scan(outdir),
         names=names,
-        class_cams=class_cam_images(outdir, names, run.spec, notes),
+        class_cams=class_cam_images(outdir, names, run.spec, notes, COLORMAPS[cam_cmap]),
         policy=str(run.assets.get("grids") or run.settings.get("grids") or "unknown"),
         page_size=page_size,
         title=title_of(run),
         notes=notes,
+        cam_colormap=cam_cmap,
     )
     common = {
         "version": __version__,
@@ -143,13 +151,13 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
         "low_confidence": LOW_CONFIDENCE,
         "grid_sample": run.assets.get("grid_sample"),
         "grids_hint": GRIDS_HINT,
-        "cam_colormap": CAM_COLORMAP_NAME,
+        "cam_colormap": cam_cmap,
         "grid_colormap": GRID_COLORMAP_NAME,
         "overlay_alpha": OVERLAY_ALPHA,
         "nav": NAV,
         "notes": notes,
     }
-    _copy_static(outdir)
+    _copy_static(outdir, tuple(dict.fromkeys((cam_cmap, GRID_COLORMAP_NAME))))
     (outdir / IMAGES_DIR).mkdir(exist_ok=True)
     env = make_env()
     written: set[str] = set()

@@ -156,10 +156,13 @@ class Watched:
     page: Any
     errors: list[str] = field(default_factory=list)
     dialogs: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)  # every URL the pages asked for
+    refused: list[str] = field(default_factory=list)  # those not on the file system
 
     def assert_clean(self) -> None:
         assert self.errors == [], self.errors
         assert self.dialogs == [], self.dialogs
+        assert self.refused == [], self.refused
 
     def assert_images_loaded(self) -> None:
         # lazy images off-screen would never load: make every image load now
@@ -185,6 +188,17 @@ def watched(browser: Any) -> Iterator[Watched]:
         w.dialogs.append(dialog.message)
         dialog.dismiss()
 
+    def offline(route: Any) -> None:
+        """Nothing from the network: a request that is not file:// is refused."""
+        url = route.request.url
+        w.requests.append(url)
+        if url.startswith("file:"):
+            route.continue_()
+        else:
+            w.refused.append(url)
+            route.abort()
+
+    ctx.route("**/*", offline)
     page.on("console", on_console)
     page.on("pageerror", lambda exc: w.errors.append(f"pageerror: {exc}"))
     page.on("dialog", on_dialog)
@@ -457,6 +471,7 @@ def test_model_page(watched: Watched, report_dir: Path) -> None:
     assert page.locator(".class-cams img").count() >= 1
     text = page.text_content("main") or ""
     assert "Export parity" in text and "predictions_vs_keras" in text
+    assert w.requests and all(u.startswith("file:") for u in w.requests)
     assert ODD_CLASS in text
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "model.png"), full_page=True)

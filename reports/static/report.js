@@ -163,6 +163,8 @@
       var c = el("article", "card " + kind);
       c.setAttribute("data-id", it[ID]);
       if (failed) {
+        c.setAttribute("tabindex", "0"); // reachable by keyboard like the others
+        c.setAttribute("aria-label", "failed: " + it[REL]);
         var box = el("div", "thumb thumb-failed");
         box.appendChild(el("span", null, "failed"));
         c.appendChild(box);
@@ -206,6 +208,7 @@
       var path = el("a", "card-path", it[REL]);
       path.setAttribute("href", "images/" + it[ID] + ".html");
       path.setAttribute("title", it[REL]);
+      path.setAttribute("tabindex", "-1"); // one tab stop a card: its photo opens the same page
       body.appendChild(path);
       if (hasOverlay) {
         var b = el("button", "ov-toggle");
@@ -289,6 +292,46 @@
     window.addEventListener("hashchange", function () {
       readHash();
       render();
+    });
+
+    /* keyboard: Tab reaches the first card; the arrow keys move between cards (up and
+     * down by a row of the grid, past either end of the page to the next or previous
+     * page), Home/End to the first/last card; Enter opens the focused image. */
+    function cardLinks() {
+      return Array.prototype.slice.call(grid.querySelectorAll(".card > a.thumb, .card.failed"));
+    }
+    function rowLength(links) {
+      var top = links.length ? links[0].getBoundingClientRect().top : 0;
+      var n = 0;
+      while (n < links.length && Math.abs(links[n].getBoundingClientRect().top - top) < 2) n++;
+      return Math.max(1, n);
+    }
+    function focusCard(i) {
+      var links = cardLinks();
+      if (!links.length) return;
+      var target = links[Math.max(0, Math.min(links.length - 1, i))];
+      target.focus();
+      target.scrollIntoView({ block: "nearest" });
+    }
+    grid.addEventListener("keydown", function (ev) {
+      if (ev.defaultPrevented || ev.altKey || ev.ctrlKey || ev.metaKey || ev.shiftKey) return;
+      var links = cardLinks();
+      var card = ev.target && ev.target.closest ? ev.target.closest(".card") : null;
+      var at = card ? links.indexOf(card.classList.contains("failed") ? card : card.querySelector("a.thumb")) : -1;
+      if (at < 0) return;
+      var step = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: -rowLength(links), ArrowDown: rowLength(links) }[ev.key];
+      var pages = Number(grid.getAttribute("data-pages")) || 1;
+      if (ev.key === "Home") focusCard(0);
+      else if (ev.key === "End") focusCard(links.length - 1);
+      else if (step === undefined) return;
+      else if (at + step >= links.length && state.page < pages) {
+        go(state.page + 1);
+        focusCard(0);
+      } else if (at + step < 0 && state.page > 1) {
+        go(state.page - 1);
+        focusCard(cardLinks().length - 1);
+      } else focusCard(at + step);
+      ev.preventDefault();
     });
 
     readHash();
