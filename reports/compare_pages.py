@@ -12,7 +12,6 @@ heatmaps drawn from the saved maps).
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,12 +265,3 @@ def render_compare(
         w.prune(folder)
     c.summary.report = str(out / "index.html")
     return c.summary
-
-
-def clean_compare(out: Path) -> None:
-    """Remove what :func:`render_compare` wrote into ``out``."""
-    refuse_links(out, OUT_PATHS)
-    for name in ("index.html", "classes.html", "layers.html"):
-        (out / name).unlink(missing_ok=True)
-    for sub in (IMAGES_DIR, "static", ASSETS):
-        shutil.rmtree(out / sub, ignore_errors=True)

@@ -5,6 +5,7 @@ runs; the CLI; the report in a real Chromium."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,19 @@ def test_mismatched_runs_compare_what_they_can(runs: Runs, tmp_path: Path) -> No
     assert {c["name"] for c in s.class_cams} == {"brick", "grass"}
     index = (tmp_path / "ac" / "index.html").read_text()
     assert "Not compared" in index and "layer conv1 is only in run A" in index
+
+
+def test_damaged_files_are_named_not_fatal(runs: Runs, tmp_path: Path) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(runs.b, b)
+    rec = _records(b)["brick/brick_1.jpg"]
+    (b / rec["maps"]).write_bytes(b"PK\x03\x04 cut")
+    (b / "class_cams.npz").write_bytes(b"")
+    s = compare(runs.a, b, tmp_path / "out")
+    assert s.cams_compared == 15 and s.class_cams == []
+    text = "\n".join(s.mismatches)
+    assert "run B's maps of brick/brick_1.jpg could not be read" in text
+    assert "run B's class_cams.npz could not be read" in text
 
 
 def test_inputs_matched_across_roots(runs: Runs, tmp_path: Path) -> None:
