@@ -98,7 +98,7 @@ def test_image_page_prints(watched: Watched, report_dir: Path) -> None:
     page.goto(_url(report_dir / "images" / f"{order[1]}.html"))  # in the grid sample
     page.wait_for_selector("img.grid")
     w.assert_images_loaded()
-    chrome = (".topbar", ".pagenav", ".footer")
+    chrome = (".topbar", ".pagenav")  # the footer (what made the page) is kept
     for sel in chrome:  # on screen: there
         assert page.evaluate(VISIBLE, sel)[0]["display"] != "none", sel
     page.emulate_media(media="print")
