@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import test_reports_browser as shared
-from test_reports_browser import PAGE_SIZE, Watched, _gallery, _url
+from test_reports_browser import ODD_CLASS, PAGE_SIZE, Watched, _gallery, _url
 
 # the real run and the watched browser page, shared with test_reports_browser.py
 browser, report_dir, watched = shared.browser, shared.report_dir, shared.watched
@@ -148,12 +148,19 @@ def test_charts_drawn_from_the_run(watched: Watched, report_dir: Path) -> None:
         per_class
     )
     assert any(k < n for n, k in per_class.values())  # some filed under the wrong class
+    # the hostile class name is drawn as text, never as markup
+    labels = page.eval_on_selector_all(
+        "#chart-accuracy text.bar-label", "ts => ts.map(t => t.textContent)"
+    )
+    assert ODD_CLASS in labels
+    assert page.evaluate("document.querySelectorAll('b').length") == 0
     page.goto(_url(report_dir / "model.html"))
     page.wait_for_selector("#chart-dead svg")
     stats = json.loads((report_dir / "stats.json").read_text())
     layers = stats.get("layers", stats)
     bars = page.evaluate(BARS, "#chart-dead g.hbar")
     got = {b["data"]["label"]: (int(b["data"]["num"]), int(b["data"]["den"])) for b in bars}
+    assert page.evaluate("document.querySelectorAll('b').length") == 0
     assert got == {k: (len(v["dead"]), v["shape"][-1]) for k, v in layers.items()}
     # the parity table of the real export's metadata
     spec = json.loads((report_dir / "run.json").read_text())["spec"]

@@ -213,13 +213,14 @@
       if (hasOverlay) {
         var b = el("button", "ov-toggle");
         b.setAttribute("type", "button");
-        b.setAttribute("title", "toggle the CAM overlay of the top class");
+        b.setAttribute("title", "toggle the " + ((data.methodLabels || [])[it[OV]] || "CAM") + " overlay of the top class");
         var showHeat = function (on) {
           var heat = stack.querySelector("img.heat");
           if (on && !heat) {
             heat = el("img", "heat");
             heat.setAttribute("src", overlaySrc(it));
-            heat.setAttribute("alt", "CAM of " + className(it[PRED]));
+            var label = (data.methodLabels || data.methods || [])[it[OV]] || "CAM";
+            heat.setAttribute("alt", label + " of " + className(it[PRED]));
             heat.setAttribute("decoding", "async");
             stack.appendChild(heat);
           }
