@@ -85,6 +85,30 @@ def test_gallery_by_keyboard(watched: Watched, report_dir: Path) -> None:
     w.assert_clean()
 
 
+def test_image_page_grids_by_keyboard(watched: Watched, report_dir: Path) -> None:
+    w, page = watched, watched.page
+    order = [i[0] for i in _gallery(report_dir)["items"] if i[7] == ""]
+    page.goto(_url(report_dir / "images" / f"{order[1]}.html"))  # in the grid sample
+    page.wait_for_selector("img.grid")
+    w.assert_images_loaded()
+    first = page.locator("img.grid").first
+    layer = first.get_attribute("data-layer")
+    for _ in range(40):  # Tab reaches the first grid
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.classList.contains('grid')"):
+            break
+    assert page.evaluate("document.activeElement.getAttribute('data-layer')") == layer
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#zoom:not([hidden])")
+    assert f"{layer} · channel 0 of" in (page.text_content("#zoom-caption") or "")
+    page.keyboard.press("ArrowRight")
+    assert "channel 1 of" in (page.text_content("#zoom-caption") or "")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#zoom", state="hidden")
+    assert page.evaluate("document.activeElement.getAttribute('data-layer')") == layer
+    w.assert_clean()
+
+
 VISIBLE = """sel => Array.from(document.querySelectorAll(sel)).map(e => {
     const r = e.getBoundingClientRect(), cs = getComputedStyle(e);
     return {display: cs.display, w: r.width, h: r.height, right: r.right,

@@ -377,8 +377,10 @@
     }
 
     function hide() {
+      var back = current && current.img;
       zoom.hidden = true;
       current = null;
+      if (back && back.getAttribute("tabindex") !== null) back.focus(); // where the keyboard was
     }
 
     Array.prototype.forEach.call(document.querySelectorAll("img.grid"), function (img) {
@@ -392,6 +394,16 @@
         var row = Math.floor(y / (g.th + g.gap));
         if (col < 0 || col >= g.cols || row < 0) return;
         show(img, row * g.cols + col);
+      });
+      // by keyboard: Tab to a grid, Enter or Space opens its first channel
+      img.setAttribute("tabindex", "0");
+      img.setAttribute("role", "button");
+      img.setAttribute("aria-label", "activations of " + img.getAttribute("data-layer") +
+        ": Enter to enlarge channel by channel");
+      img.addEventListener("keydown", function (ev) {
+        if (current || (ev.key !== "Enter" && ev.key !== " ")) return;
+        ev.preventDefault();
+        show(img, 0);
       });
     });
     if (zoom) zoom.addEventListener("click", hide);
