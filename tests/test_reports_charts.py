@@ -287,3 +287,26 @@ def test_charts_escape_and_stay_offline(fake: FakeRun) -> None:
     svg = index[index.index("<svg") : index.rindex("</svg>")]
     assert "http" not in svg.replace("http://www.w3.org", "") and "<script" not in svg
     assert "style=" not in svg and "<style" not in svg
+
+
+def test_accuracy_chart_of_many_classes_shows_the_worst() -> None:
+    from convlens.engine.outdir import Prediction
+    from convlens.reports.charts import ACCURACY_BARS_MAX, class_accuracy
+    from convlens.reports.data import ImageEntry
+
+    n_classes = ACCURACY_BARS_MAX + 10
+    entries = []
+    for c in range(n_classes):  # class c: 4 images, (c % 5) of them wrong
+        for i in range(4):
+            pred = (c + 1) % n_classes if i < c % 5 else c
+            entries.append(
+                ImageEntry(f"{c}-{i}", "p", "p", True, None, 8, 8,
+                           [Prediction(pred, "x", 0.9)], f"c{c}", c, [], [])
+            )  # fmt: skip
+    chart = class_accuracy(entries, [f"c{c}" for c in range(n_classes)])
+    assert chart is not None and chart.omitted == 10
+    shown = [int(r.full_label[1:]) for r in chart.rows]
+    assert len(shown) == ACCURACY_BARS_MAX and shown == sorted(shown)
+    # every class left out is at least as accurate as every class drawn
+    left_out = set(range(n_classes)) - set(shown)
+    assert min(4 - c % 5 for c in left_out) >= max(4 - c % 5 for c in shown)
