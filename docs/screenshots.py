@@ -48,11 +48,32 @@ def image_page(outdir: Path) -> Path:
     return outdir / "images" / f"{rec.id}.html"
 
 
+def compare_page(outdir: Path) -> Path:
+    """``convlens compare`` of the demo run against a run of a perturbed copy of the demo
+    model (tests/compare_runs.py: some predictions flip, channels die), over the same
+    photos."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from compare_runs import _edit
+
+    from convlens.engine.run import RunOptions
+    from convlens.pipeline import analyze, demo_paths
+    from convlens.reports.compare import compare
+
+    model, photos = demo_paths()
+    perturbed = _edit(model, outdir.parent / "perturbed.onnx", perturb=True)
+    run_b = outdir.parent / "perturbed-run"
+    options = RunOptions(device="cpu", labels_from_dirs=True, save_maps=True)
+    analyze(perturbed, [str(photos)], run_b, options, grids="none", warn=lambda m: None)
+    compare(outdir, run_b, outdir.parent / "compare")
+    return outdir.parent / "compare" / "index.html"
+
+
 #: every screenshot, in README order
 SHOTS: tuple[Shot, ...] = (
     Shot("index", lambda out: out / "index.html", "#gallery .card"),
     Shot("image", image_page, "img.cam-heat", max_height=1500),
     Shot("model", lambda out: out / "model.html", "table.layers"),
+    Shot("compare", compare_page, "main h1"),
 )
 
 
@@ -66,7 +87,7 @@ def demo_run(outdir: Path) -> Path:
         model,
         [str(photos)],
         outdir,
-        RunOptions(device="cpu", labels_from_dirs=True),
+        RunOptions(device="cpu", labels_from_dirs=True, save_maps=True),
         grids="all",
         warn=lambda m: None,
     )
