@@ -161,7 +161,7 @@ def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw
 
     fields = {f.name for f in dataclasses.fields(RunOptions)}
     options = RunOptions(**{k: v for k, v in kw.items() if k in fields})
-    options.cam_methods = options.cam_methods or None  # none given: all the model supports
+    options.cam_methods = options.cam_methods or None  # none given: the defaults it supports
     quiet = kw["quiet"]
     warn = (lambda m: None) if quiet else (lambda m: say(printable(m, False)))
     result = analyze(

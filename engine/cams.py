@@ -15,8 +15,13 @@ method's own ReLU, before upsampling and normalisation.  Class-agnostic methods
 
 A method only says how its channel weights ``alpha`` ``(N, T, k)`` are computed
 (:meth:`CAMMethod.channel_weights`); the base class forms
-``M = ReLU(sum_k alpha_k A_k)`` with one batched matmul.  Layer-CAM and Eigen-CAM, which
-are not a weighted sum of whole channels, override :meth:`CAMMethod.raw_maps` instead.
+``M = ReLU(sum_k alpha_k A_k)`` with one batched matmul.  Methods that are not a weighted
+sum of whole channels (Layer-CAM, HiResCAM, Element-wise Grad-CAM, Eigen-CAM,
+Eigen-Grad-CAM) override :meth:`CAMMethod.raw_maps` instead.
+
+Adding a method is a class here and its entry in :data:`METHODS`: the CLI's ``--cam``
+choices and help, availability, the run's default set (``default``) and the report's
+labels all come from the registry.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class CAMMethod:
     needs_gradients: bool = False
     needs_weights: bool = False
     class_agnostic: bool = False
+    #: computed when ``--cam`` is not given (and the model serves it); others are opt-in
+    default: bool = True
     reference: str = ""
 
     def compute(
@@ -245,6 +252,99 @@ class LayerCAM(CAMMethod):
         return pos.sum(axis=-1, dtype=np.float32)
 
 
+class XGradCAM(CAMMethod):
+    """XGrad-CAM (Fu et al. 2020, "Axiom-based Grad-CAM").
+
+    ``alpha_k = sum_{i,j} (A_k(i, j) / sum_{a,b} A_k(a, b)) * dS_c / dA_k(i, j)``;
+    ``M = ReLU(sum_k alpha_k A_k)``.  A channel whose activations sum to 0 (a dead
+    channel) gets ``alpha_k = 0``; pytorch-grad-cam's XGradCAM adds ``1e-7`` to the
+    denominator instead, which differs by a relative ``1e-7 / sum A_k`` elsewhere.
+    """
+
+    name = "xgradcam"
+    label = "XGrad-CAM"
+    needs_gradients = True
+    default = False
+    reference = "Fu et al. 2020"
+
+    def channel_weights(
+        self,
+        acts: np.ndarray,
+        *,
+        weights: np.ndarray | None,
+        grads: np.ndarray | None,
+        classes: np.ndarray | None,
+    ) -> np.ndarray:
+        assert grads is not None
+        sum_a = acts.sum(axis=(1, 2), dtype=np.float32)[:, None, :]  # (N, 1, k)
+        num = np.einsum("nthwk,nhwk->ntk", grads, acts, dtype=np.float32)  # (N, T, k)
+        ok = np.broadcast_to(sum_a != 0, num.shape)
+        out = np.zeros_like(num)
+        np.divide(num, sum_a, out=out, where=ok)
+        return out
+
+
+def _grad_times_acts(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """``g * A`` as ``(N, T, h, w, k)`` float32 (A broadcast over the T targets)."""
+    return np.multiply(grads, acts[:, None], dtype=np.float32)
+
+
+class HiResCAM(CAMMethod):
+    """HiResCAM (Draelos & Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful
+    explanations of convolutional neural networks").
+
+    Element-wise, no pooling of the gradients:
+    ``M(i, j) = ReLU(sum_k dS_c/dA_k(i, j) * A_k(i, j))``.  The final ReLU is the
+    reference implementation's (pytorch-grad-cam's HiResCAM: ``(grads * activations)
+    .sum(axis=1)``, then the ReLU its BaseCAM applies to every method).  For a GAP ->
+    Dense head the gradient is ``w[k, c] / (h w)`` everywhere, so HiResCAM is CAM / (hw).
+    """
+
+    name = "hirescam"
+    label = "HiResCAM"
+    needs_gradients = True
+    default = False
+    reference = "Draelos & Carin 2020"
+
+    def raw_maps(
+        self,
+        acts: np.ndarray,
+        *,
+        weights: np.ndarray | None,
+        grads: np.ndarray | None,
+        classes: np.ndarray | None,
+    ) -> np.ndarray:
+        assert grads is not None
+        return np.einsum("nthwk,nhwk->nthw", grads, acts, dtype=np.float32)
+
+
+class GradCAMElementWise(CAMMethod):
+    """Element-wise Grad-CAM (pytorch-grad-cam's GradCAMElementWise).
+
+    ``M(i, j) = sum_k ReLU(dS_c/dA_k(i, j) * A_k(i, j))``: HiResCAM with the ReLU inside
+    the channel sum (as ``np.maximum(grads * activations, 0).sum(axis=1)`` there).  The
+    method has no paper of its own; it is defined by that library.
+    """
+
+    name = "gradcamelementwise"
+    label = "Element-wise Grad-CAM"
+    needs_gradients = True
+    default = False
+    reference = "pytorch-grad-cam (Gildenblat et al.)"
+
+    def raw_maps(
+        self,
+        acts: np.ndarray,
+        *,
+        weights: np.ndarray | None,
+        grads: np.ndarray | None,
+        classes: np.ndarray | None,
+    ) -> np.ndarray:
+        assert grads is not None
+        prod = _relu_(_grad_times_acts(acts, grads))
+        return prod.sum(axis=-1, dtype=np.float32)
+
+
 class EigenCAM(CAMMethod):
     """Eigen-CAM (Muhammad & Yeasin 2020): class-agnostic.
 
@@ -273,18 +373,78 @@ class EigenCAM(CAMMethod):
         classes: np.ndarray | None,
     ) -> np.ndarray:
         n, h, w, k = acts.shape
-        a = acts.reshape(n, h * w, k)
-        small_side = h * w <= k
-        at = np.ascontiguousarray(a.transpose(0, 2, 1))  # contiguous: matmul uses BLAS
-        gram = np.matmul(a, at) if small_side else np.matmul(at, a)
-        vec, lam = top_eigenvectors(gram.astype(np.float64))
-        if small_side:  # vec = u_1, A v_1 = sigma_1 u_1
-            proj = vec * np.sqrt(np.maximum(lam, 0.0))[:, None]
-        else:  # vec = v_1
-            proj = np.matmul(a, vec.astype(np.float32)[:, :, None])[:, :, 0].astype(np.float64)
-        sign = np.where(proj.sum(axis=1, keepdims=True) < 0, -1.0, 1.0)
-        proj *= sign
+        proj = first_component(acts.reshape(n, h * w, k))
         return proj.astype(np.float32).reshape(n, 1, h, w)
+
+
+class EigenGradCAM(CAMMethod):
+    """Eigen-Grad-CAM (pytorch-grad-cam's EigenGradCAM: Eigen-CAM, Muhammad & Yeasin
+    2020, applied to the gradient times the activations).
+
+    Per image and target class, ``X = dS_c/dA * A`` reshaped to ``(hw, k)``, centred
+    over the positions as the reference's ``get_2d_projection`` does
+    (``X_c = X - mean_ij X``, one mean per channel), ``v_1`` the first right singular
+    vector of ``X_c``: ``M = ReLU(X_c v_1)`` reshaped to ``(h, w)``.
+
+    Sign: the reference leaves it to LAPACK.  Eigen-CAM's rule here (``sum(X v_1) >= 0``)
+    cannot be applied to ``X_c`` itself, whose columns sum to zero, so it is applied to
+    the un-centred ``X``: ``v_1`` is turned so that ``sum_ij (X v_1)(i, j) >= 0``, i.e.
+    it points along the mean of ``g * A`` over positions.  Computed like Eigen-CAM
+    (:func:`first_component`, the smaller Gram matrix; eigh, since a centred Gram matrix
+    has negative entries).
+    """
+
+    name = "eigengradcam"
+    label = "Eigen-Grad-CAM"
+    needs_gradients = True
+    default = False
+    reference = "pytorch-grad-cam; Muhammad & Yeasin 2020"
+
+    def raw_maps(
+        self,
+        acts: np.ndarray,
+        *,
+        weights: np.ndarray | None,
+        grads: np.ndarray | None,
+        classes: np.ndarray | None,
+    ) -> np.ndarray:
+        assert grads is not None
+        n, t, h, w, k = grads.shape
+        x = _grad_times_acts(acts, grads).reshape(n * t, h * w, k)
+        proj = first_component(x, centre=True)
+        return proj.astype(np.float32).reshape(n, t, h, w)
+
+
+def first_component(a: np.ndarray, *, centre: bool = False) -> np.ndarray:
+    """Projection of each matrix ``a[b]`` ``(m, k)`` on its first right singular vector
+    ``v_1``: ``(B, m)`` float64, ``= sigma_1 u_1``.
+
+    ``centre``: subtract each column's mean first (PCA, as pytorch-grad-cam's
+    ``get_2d_projection``).  The sign is fixed so that ``sum(a v_1) >= 0`` with the
+    un-centred ``a`` (for ``centre=False`` that is ``sum(projection) >= 0``).
+
+    Computed from the smaller Gram matrix, batched (:func:`top_eigenvectors`): if
+    ``m <= k``, ``u_1`` is the top eigenvector of ``X X^T`` and ``X v_1 = sigma_1 u_1``
+    with ``sigma_1 = sqrt(lambda_1)``; otherwise ``v_1`` is the top eigenvector of
+    ``X^T X``.  This matches ``np.linalg.svd`` per matrix.
+    """
+    b, m, k = a.shape
+    x = a - a.mean(axis=1, dtype=np.float64, keepdims=True).astype(np.float32) if centre else a
+    small_side = m <= k
+    xt = np.ascontiguousarray(x.transpose(0, 2, 1))  # contiguous: matmul uses BLAS
+    gram = np.matmul(x, xt) if small_side else np.matmul(xt, x)
+    vec, lam = top_eigenvectors(gram.astype(np.float64))
+    if small_side:  # vec = u_1, X v_1 = sigma_1 u_1
+        proj = vec * np.sqrt(np.maximum(lam, 0.0))[:, None]
+    else:  # vec = v_1
+        proj = np.matmul(x, vec.astype(np.float32)[:, :, None])[:, :, 0].astype(np.float64)
+    if centre:
+        # v_1 = X_c^T proj / sigma_1^2, so sign(sum(a v_1)) = sign(proj . (X_c colsum(a)))
+        side = np.einsum("bm,bm->b", proj, np.matmul(x, a.sum(axis=1)[:, :, None])[:, :, 0])
+    else:
+        side = proj.sum(axis=1)
+    proj *= np.where(side < 0, -1.0, 1.0)[:, None]
+    return proj
 
 
 def top_eigenvectors(
@@ -334,8 +494,25 @@ def top_eigenvectors(
 
 #: name -> method instance, in the order reports list them.
 METHODS: dict[str, CAMMethod] = {
-    m.name: m for m in (CAM(), GradCAM(), GradCAMpp(), LayerCAM(), EigenCAM())
+    m.name: m
+    for m in (
+        CAM(),
+        GradCAM(),
+        GradCAMpp(),
+        LayerCAM(),
+        EigenCAM(),
+        XGradCAM(),
+        HiResCAM(),
+        GradCAMElementWise(),
+        EigenGradCAM(),
+    )
 }
+
+
+def default_methods(available: list[str]) -> list[str]:
+    """The methods a run computes when none are asked for: the ``default`` ones among
+    ``available`` (names), in registry order."""
+    return [m for m in available if METHODS[m].default]
 
 
 def availability(spec: Any) -> dict[str, str | None]:

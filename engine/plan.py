@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import contract as C
-from .cams import METHODS, availability
+from .cams import METHODS, availability, default_methods
 from .images import DEFAULT_MAX_PIXELS
 from .runtime import DEVICES
 
@@ -55,7 +55,9 @@ class RunOptions:
     cam_methods: list[str] | None = field(
         default=None,
         metadata=_doc(
-            "CAM method(s), repeated or comma-separated [default: all the model supports].",
+            "CAM method(s), repeated or comma-separated [default: "
+            + ", ".join(default_methods(list(METHODS)))
+            + " where the model supports them].",
             flag="--cam",
             choices=tuple(METHODS),
             repeat=True,
@@ -175,7 +177,7 @@ def _methods(spec: C.ModelSpec, asked: list[str] | None) -> tuple[str, ...]:
     why_not = availability(spec)
     avail = [m for m, why in why_not.items() if why is None]
     if asked is None:
-        return tuple(avail)
+        return tuple(default_methods(avail))
     unknown = [m for m in asked if m not in METHODS]
     if unknown:
         raise RunError(f"unknown CAM method {', '.join(unknown)}: choose from {', '.join(METHODS)}")

@@ -93,7 +93,11 @@ def test_method_names_as_people_write_them(fake: FakeRun) -> None:
 def test_registry_labels() -> None:
     from convlens.engine.cams import METHODS
 
-    assert {n: m.label for n, m in METHODS.items()} == AS_WRITTEN
+    # these as people write them; a method added later brings its own label (its test
+    # in test_cams.py), so this list does not have to grow with the registry
+    labels = {n: m.label for n, m in METHODS.items()}
+    assert AS_WRITTEN.items() <= labels.items()
+    assert all(labels.values()) and len(set(labels.values())) == len(labels)
     assert [n for n, m in METHODS.items() if m.class_agnostic] == ["eigencam"]
 
 
