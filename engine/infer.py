@@ -4,7 +4,9 @@ onnxruntime executes every node of a graph whatever outputs are asked for, so th
 is pruned in memory to what each session serves: the main session computes
 predictions, the CAM tensor, gradients, target indices and the per-channel statistics
 (reductions added to the graph); a second one, opened on first use, only the
-activations, for the images a sink wants them for.
+activations, for the images a sink wants them for; a third (--metrics), only the
+predictions, for the perturbed copies of the batch's images that the faithfulness
+metrics (:mod:`convlens.engine.metrics`) build in memory.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as C
-from .cams import METHODS, normalize
+from .cams import METHODS, normalize, upsample
 from .decode import Decoded
 from .graph import pruned, stat_names, with_stats
-from .outdir import Prediction
+from .metrics import compute_all
+from .outdir import CURVE_POINTS, Prediction
 from .plan import RunError, RunPlan
 from .results import atomic_save_npz
 from .runtime import DeviceError, Session, open_session
@@ -64,6 +67,9 @@ class Inference:
         self.takes_targets = any(i.name == C.IN_TARGETS for i in inputs)
         self.constants = self._fetch_constants()
         self._acts_session: Session | None = None
+        self._predict_session: Session | None = None
+        #: ids of the images --metrics scores; None: every image (set by the runner)
+        self.metric_ids: set[str] | None = None
         self._layers = [
             (o.name, o.layer or "", tuple(int(v) for v in o.shape[1:]))
             for o in plan.spec.activation_outputs
@@ -103,11 +109,7 @@ class Inference:
         if self.takes_targets:
             feeds[C.IN_TARGETS] = targets
         out = dict(zip(self.names, self.session.session.run(self.names, feeds), strict=True))
-        probs = out[C.OUT_PREDICTIONS]
-        if spec.head.activation == "linear" and probs.shape[1] > 1:
-            # a classifier trained from logits: report softmax probabilities
-            e = np.exp(probs - probs.max(axis=1, keepdims=True))
-            probs = e / e.sum(axis=1, keepdims=True)
+        probs = self._probabilities(out[C.OUT_PREDICTIONS])
         order = np.argsort(-probs, axis=1, kind="stable")
         if C.OUT_TARGET_INDICES in out:
             classes = out[C.OUT_TARGET_INDICES]
@@ -129,8 +131,59 @@ class Inference:
         if plan.methods:
             cams.add(classes[:, 0], normalize(maps[plan.methods[0]][:, 0]))
         results = [self._outcome(d, i, probs, order, classes, maps) for i, d in enumerate(good)]
+        self._attach_metrics(x, probs, classes, maps, results)
         self._attach_activations(x, results)
         return results
+
+    def _probabilities(self, raw: np.ndarray) -> np.ndarray:
+        if self.plan.spec.head.activation == "linear" and raw.shape[1] > 1:
+            # a classifier trained from logits: report softmax probabilities
+            e = np.exp(raw - raw.max(axis=1, keepdims=True))
+            return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+        return raw
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities of a batch of model inputs, from a session pruned to the
+        predictions (the metrics' perturbed inputs: no statistics, no gradients)."""
+        if self._predict_session is None:
+            model = pruned(self.proto, [C.OUT_PREDICTIONS])
+            self._predict_session = open_session(model, self.session.device, self.plan.threads)
+        feeds = {C.IN_IMAGE: np.ascontiguousarray(batch, np.float32)}
+        raw = self._predict_session.session.run([C.OUT_PREDICTIONS], feeds)[0]
+        return self._probabilities(raw)
+
+    def _attach_metrics(
+        self,
+        x: np.ndarray,
+        probs: np.ndarray,
+        classes: np.ndarray,
+        maps: dict[str, np.ndarray],
+        results: list[ImageOutcome],
+    ) -> None:
+        """--metrics: each method's map of the first target class (top-1), min-max
+        normalised at feature resolution then upsampled to the input (torch-cam's order),
+        scored on the batch already in memory; into the records."""
+        plan = self.plan
+        if not plan.metrics or not maps:
+            return
+        ids = self.metric_ids
+        rows = [i for i, oc in enumerate(results) if ids is None or oc.record.id in ids]
+        if not rows:
+            return
+        xs, cls = x[rows], classes[rows, 0]
+        base = probs[rows, cls].astype(np.float64)
+        size = (int(xs.shape[1]), int(xs.shape[2]))
+        grid = np.linspace(0.0, 1.0, CURVE_POINTS)
+        for m, arr in maps.items():
+            up = np.stack([upsample(mp, size) for mp in normalize(arr[rows, 0])])
+            res = compute_all(plan.metrics, xs, up, cls, self.predict, base=base)
+            for j, row in enumerate(rows):
+                rec = results[row].record
+                rec.metrics[m] = {k: round(float(v[j]), 6) for k, v in res.scores.items()}
+                rec.metric_curves[m] = {
+                    k: [round(float(p), 5) for p in np.interp(grid, _fractions(v[j]), v[j])]
+                    for k, v in res.curves.items()
+                }
 
     def _outcome(
         self,
@@ -187,6 +240,10 @@ class Inference:
         acts = dict(zip(names, got, strict=True))
         for j, row in enumerate(rows.tolist()):
             results[row].activations = {n[len(C.ACT_PREFIX) :]: a[j] for n, a in acts.items()}
+
+
+def _fractions(curve: np.ndarray) -> np.ndarray:
+    return np.linspace(0.0, 1.0, len(curve))
 
 
 def _first(exc: BaseException) -> str:

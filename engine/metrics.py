@@ -371,12 +371,14 @@ def compute_all(
     classes: np.ndarray,
     predict: Predict,
     *,
+    base: np.ndarray | None = None,
     chunk: int = CHUNK,
 ) -> MetricResult:
     """Every named metric on the same images and maps, the unperturbed probabilities
-    computed once; scores and curves merged (their names do not clash)."""
+    (``base``, else computed) once; scores and curves merged (their names do not
+    clash)."""
     x, m, c = _check(images, maps, classes)
-    base = _base(predict, x, c, None, chunk)
+    base = _base(predict, x, c, base, chunk)
     out = MetricResult({}, {})
     for name in names:
         r = get_metric(name).compute(x, m, c, predict, base=base, chunk=chunk)

@@ -32,6 +32,7 @@ MAPS = "maps"
 LOCK = ".lock"
 
 OK, ERROR = "ok", "error"  # a record's status
+CURVE_POINTS = 21  # deletion/insertion curves in a record: fractions 0, 0.05, ..., 1
 
 
 @dataclass(slots=True)
@@ -54,6 +55,10 @@ class Record:
     no predictions, size, maps or CAM fields.  ``label`` is the folder name when labels
     come from folders, else None; ``label_index`` its class (None: not a class name).
     ``maps`` is the relative path of the input's ``maps/<id>.npz`` (--save-maps).
+    ``metrics`` (--metrics, for the images scored): per CAM method, the faithfulness
+    scores of its map of ``cam_classes[0]`` (``{"gradcam": {"deletion": 0.12, ...}}``);
+    ``metric_curves``: per method, the deletion and insertion curves resampled to
+    :data:`CURVE_POINTS` evenly spaced fractions 0..1.  Both empty when not scored.
     """
 
     id: str
@@ -69,6 +74,8 @@ class Record:
     cam_classes: list[int] = field(default_factory=list)
     cam_methods: list[str] = field(default_factory=list)
     maps: str | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    metric_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -88,6 +95,11 @@ class Record:
             d["cam_classes"] = list(self.cam_classes)
             d["cam_methods"] = list(self.cam_methods)
             d["maps"] = self.maps
+            if self.metrics:
+                d["metrics"] = {m: dict(v) for m, v in self.metrics.items()}
+                d["metric_curves"] = {
+                    m: {k: list(c) for k, c in v.items()} for m, v in self.metric_curves.items()
+                }
         return d
 
     @classmethod
@@ -115,6 +127,8 @@ class Record:
             cam_classes=[c for c in map(_int, _list(d.get("cam_classes"))) if c is not None],
             cam_methods=[_str(m) for m in _list(d.get("cam_methods"))],
             maps=None if d.get("maps") is None else _str(d["maps"]),
+            metrics=_nested(d.get("metrics"), _number),
+            metric_curves=_nested(d.get("metric_curves"), _numbers),
         )
 
 
@@ -128,6 +142,30 @@ def _int(v: Any) -> int | None:
 
 def _list(v: Any) -> list[Any]:
     return v if isinstance(v, list) else []
+
+
+def _number(v: Any) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return float(v) if ok else None
+
+
+def _numbers(v: Any) -> list[float] | None:
+    if not isinstance(v, list):
+        return None
+    out = [x for x in map(_number, v) if x is not None]
+    return out if len(out) == len(v) else None
+
+
+def _nested(v: Any, read: Any) -> dict[str, dict[str, Any]]:
+    """``{str: {str: read(value)}}``, dropping what is not of that shape."""
+    if not isinstance(v, dict):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for k, inner in v.items():
+        if isinstance(k, str) and isinstance(inner, dict):
+            got = {n: read(x) for n, x in inner.items() if isinstance(n, str)}
+            out[k] = {n: x for n, x in got.items() if x is not None}
+    return out
 
 
 def _prediction(rid: str, p: Any) -> Prediction:

@@ -13,6 +13,7 @@ import numpy as np
 from . import contract as C
 from .cams import METHODS, availability, default_methods
 from .images import DEFAULT_MAX_PIXELS
+from .metrics import METRICS
 from .runtime import DEVICES
 
 
@@ -88,6 +89,22 @@ class RunOptions:
     force: bool = field(
         default=False, metadata=_doc("Recompute everything, ignoring earlier results.")
     )
+    metrics: list[str] = field(
+        default_factory=list,
+        metadata=_doc(
+            "Faithfulness metrics of each CAM method's top-1 map, repeated or "
+            "comma-separated, or 'all'; computed through the model on the batch in memory.",
+            choices=(*METRICS, "all"),
+            repeat=True,
+        ),
+    )
+    metrics_sample: int | None = field(
+        default=None,
+        metadata=_doc(
+            "With --metrics: score a seeded sample of N of the inputs [default: every image].",
+            min=1,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,8 @@ class RunPlan:
     save_maps: bool
     max_pixels: int
     force: bool
+    metrics: tuple[str, ...] = ()  # faithfulness metrics (engine.metrics), in registry order
+    metrics_sample: int | None = None  # None: every image
 
     @classmethod
     def build(cls, model_path: str | Path, options: RunOptions | None = None) -> RunPlan:
@@ -120,6 +139,14 @@ class RunPlan:
             raise RunError("--batch-size must be at least 1")
         if o.top_k < 1:
             raise RunError("--top-k must be at least 1")
+        metrics = _metrics(o.metrics)
+        if o.metrics_sample is not None and not metrics:
+            raise RunError("--metrics-sample needs --metrics")
+        if o.metrics_sample is not None and o.metrics_sample < 1:
+            raise RunError("--metrics-sample must be at least 1")
+        methods = _methods(spec, o.cam_methods)
+        if metrics and not methods:
+            raise RunError("--metrics scores CAM maps: this run computes none")
         return cls(
             model_path=path,
             spec=spec,
@@ -127,13 +154,15 @@ class RunPlan:
             batch_size=o.batch_size,
             workers=o.workers or os.cpu_count() or 1,
             threads=o.threads,
-            methods=_methods(spec, o.cam_methods),
+            methods=methods,
             top_k=min(o.top_k, spec.num_classes),
             extra_classes=_classes(spec, o.classes),
             labels_from_dirs=o.labels_from_dirs,
             save_maps=o.save_maps,
             max_pixels=o.max_pixels,
             force=o.force,
+            metrics=metrics,
+            metrics_sample=o.metrics_sample,
         )
 
     @property
@@ -155,6 +184,12 @@ class RunPlan:
             "classes": sorted(set(self.extra_classes)),
             "labels_from_dirs": self.labels_from_dirs,
             "save_maps": self.save_maps,
+            # only when asked: runs without --metrics keep their earlier fingerprint
+            **(
+                {"metrics": list(self.metrics), "metrics_sample": self.metrics_sample}
+                if self.metrics
+                else {}
+            ),
         }
 
     def settings(self, inputs: list[str]) -> dict[str, Any]:
@@ -170,6 +205,11 @@ class RunPlan:
             "save_maps": self.save_maps,
             "max_pixels": self.max_pixels,
             "force": self.force,  # sinks start their own files over too
+            **(
+                {"metrics": list(self.metrics), "metrics_sample": self.metrics_sample}
+                if self.metrics
+                else {}
+            ),
         }
 
 
@@ -188,6 +228,17 @@ def _methods(spec: C.ModelSpec, asked: list[str] | None) -> tuple[str, ...]:
             f"({why_not[missing[0]]}); available: {', '.join(avail)}"
         )
     return tuple(dict.fromkeys(asked))
+
+
+def _metrics(asked: list[str]) -> tuple[str, ...]:
+    if "all" in asked:
+        return tuple(METRICS)
+    unknown = [m for m in asked if m not in METRICS]
+    if unknown:
+        raise RunError(
+            f"unknown metric {', '.join(unknown)}: choose from {', '.join(METRICS)} or all"
+        )
+    return tuple(m for m in METRICS if m in asked)
 
 
 def _classes(spec: C.ModelSpec, asked: list[str]) -> tuple[int, ...]:

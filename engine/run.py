@@ -20,12 +20,15 @@ one input failed (the others were processed), 2 the run could not start.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .decode import Decoded, DecodePool, input_roots
 from .images import discover
@@ -69,6 +72,8 @@ class RunSummary:
     seconds: float
     device: str
     notes: list[str] = field(default_factory=list)
+    #: --metrics: per CAM method, the mean of every score over the scored images
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -96,6 +101,7 @@ class RunSummary:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "device": self.device,
+            **({"metrics": self.metrics} if self.metrics else {}),
         }
 
 
@@ -146,6 +152,7 @@ class Runner:
         run_json = self.dir.prepare(plan.force, plan.save_maps, self.fingerprint)
         found = discover(inputs)
         order = [image_id(f) for f in found.files]  # the stream's order
+        inference.metric_ids = metric_sample(order, plan.metrics_sample)
         log = ResultsLog(self.outdir)
         done, repaired = self.dir.resume(log, lambda recs: self._lacking(order, recs), run_json)
         roots = input_roots(inputs, found.files)
@@ -197,6 +204,7 @@ class Runner:
             seconds=time.perf_counter() - t0,
             device=inference.device,
             notes=notes,
+            metrics=metric_summary(records),
         )
         self.dir.merge_shards(plan.spec.num_classes)
         self.dir.write_run_json(
@@ -242,6 +250,45 @@ class Runner:
             self.dir.write_shard(shard.seq, shard.stats, shard.cams, shard.ids)
             return _Shard(shard.seq + 1)
         return shard
+
+
+METRIC_SEED = 0
+
+
+def metric_sample(order: list[str], n: int | None) -> set[str] | None:
+    """The ids --metrics-sample N scores: the N inputs whose
+    ``sha1(f"{METRIC_SEED}:{id}")`` is smallest, so the same images whatever the
+    order, batches or resumes (None: every image)."""
+    if n is None:
+        return None
+
+    def key(i: str) -> str:
+        return hashlib.sha1(f"{METRIC_SEED}:{i}".encode()).hexdigest()
+
+    return set(sorted(set(order), key=key)[:n])
+
+
+def metric_summary(records: list[Record]) -> dict[str, Any]:
+    """run.json's ``summary.metrics``: per method, ``n`` (images scored), the mean of
+    every score, and ``curves`` (the mean deletion and insertion curves)."""
+    scored: dict[str, list[Record]] = {}
+    for r in records:
+        for m in r.metrics if r.ok else ():
+            scored.setdefault(m, []).append(r)
+    out: dict[str, Any] = {}
+    for m, recs in scored.items():
+        names = dict.fromkeys(k for r in recs for k in r.metrics[m])
+        means = {
+            k: round(float(np.mean([r.metrics[m][k] for r in recs if k in r.metrics[m]])), 6)
+            for k in names
+        }
+        curves: dict[str, list[float]] = {}
+        for k in dict.fromkeys(k for r in recs for k in r.metric_curves.get(m, {})):
+            rows = [r.metric_curves[m][k] for r in recs if k in r.metric_curves.get(m, {})]
+            if len({len(c) for c in rows}) == 1:
+                curves[k] = [round(float(v), 5) for v in np.mean(rows, axis=0)]
+        out[m] = {"n": len(recs), **means, "curves": curves}
+    return out
 
 
 def _stderr(msg: str) -> None:

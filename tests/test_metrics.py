@@ -359,3 +359,86 @@ def test_constant_map_and_bad_shapes(synthetic):
         Deletion().compute(x, flat[:, :-1], c, region_model)
     with pytest.raises(ValueError):
         AverageDrop().compute(x, flat, c[:-1], region_model)
+
+
+# ---- wired into the run (--metrics) -------------------------------------------------------
+
+
+def test_run_scores_a_seeded_sample_into_records_and_run_json(tmp_path):
+    from convlens.engine.outdir import CURVE_POINTS, read_results, read_run_json
+    from convlens.engine.run import RunOptions, metric_sample, run
+
+    model, photos = demo_paths()
+    files = [str(f) for f in sorted(Path(photos).glob("*/*"))[:5]]
+    opts = RunOptions(
+        device="cpu",
+        batch_size=3,
+        cam_methods=["cam", "gradcam"],
+        metrics=["deletion", "avgdrop"],
+        metrics_sample=2,
+    )
+    run(model, files, tmp_path / "a", opts)
+    recs = read_results(tmp_path / "a").records
+    scored = [r for r in recs if r.metrics]
+    assert {r.id for r in scored} == metric_sample([r.id for r in recs], 2)
+    assert len(scored) == 2
+    for r in scored:
+        assert set(r.metrics) == {"cam", "gradcam"}
+        assert set(r.metrics["cam"]) == {"deletion", "avg_drop", "increase"}
+        assert len(r.metric_curves["cam"]["deletion"]) == CURVE_POINTS
+    doc = read_run_json(tmp_path / "a")
+    assert doc is not None and doc.summary is not None
+    summ = doc.summary["metrics"]
+    assert summ["cam"]["n"] == 2
+    want = np.mean([r.metrics["cam"]["deletion"] for r in scored])
+    assert summ["cam"]["deletion"] == pytest.approx(want, abs=1e-6)
+    assert len(summ["gradcam"]["curves"]["deletion"]) == CURVE_POINTS
+    assert doc.settings["metrics"] == ["deletion", "avgdrop"]
+
+    # the same scores as the library on the images decoded alone (batching, sampling
+    # and the engine's map preparation change nothing)
+    spec = C.read_spec(model)
+    x = np.stack([preprocess(read_image(r.path), spec.input, spec.preprocess) for r in scored])
+    import onnxruntime as ort
+
+    names = ["predictions", "act/conv3", "cam_weights"]
+    sess = ort.InferenceSession(pruned(model, names), providers=["CPUExecutionProvider"])
+    probs, acts, w = sess.run(names, {"image": x})
+    top = np.array([r.cam_classes[0] for r in scored])
+    cams = normalize(METHODS["cam"].compute(acts, weights=w, classes=top[:, None])[:, 0])
+    maps = np.stack([upsample(m, x.shape[1:3]) for m in cams])
+
+    def predict(b):
+        return sess.run(["predictions"], {"image": b.astype(np.float32)})[0]
+
+    lib = compute_all(("deletion", "avgdrop"), x, maps, top, predict)
+    for j, r in enumerate(scored):
+        assert r.metrics["cam"]["deletion"] == pytest.approx(lib.scores["deletion"][j], abs=1e-5)
+        assert r.metrics["cam"]["avg_drop"] == pytest.approx(lib.scores["avg_drop"][j], abs=1e-5)
+
+    # resumed: nothing recomputed, the summary still there
+    s = run(model, files, tmp_path / "a", opts)
+    assert s.processed == 0 and s.metrics["cam"]["n"] == 2
+
+    # without --metrics: no metric fields, the fingerprint as before
+    run(model, files[:1], tmp_path / "b", RunOptions(device="cpu", cam_methods=["cam"]))
+    line = (tmp_path / "b" / "results.jsonl").read_text()
+    assert "metric" not in line
+    doc_b = read_run_json(tmp_path / "b")
+    assert doc_b is not None and doc_b.fingerprint is not None
+    assert "metrics" not in doc_b.fingerprint and "metrics" not in doc_b.summary
+
+
+def test_metric_options_are_validated():
+    from convlens.engine.plan import RunError, RunOptions, RunPlan
+
+    model, _ = demo_paths()
+    assert RunPlan.build(model, RunOptions(metrics=["all"])).metrics == tuple(METRICS)
+    assert RunPlan.build(model, RunOptions(metrics=["road", "deletion"])).metrics == (
+        "deletion",
+        "road",
+    )
+    with pytest.raises(RunError, match="unknown metric"):
+        RunPlan.build(model, RunOptions(metrics=["auc"]))
+    with pytest.raises(RunError, match="needs --metrics"):
+        RunPlan.build(model, RunOptions(metrics_sample=3))
