@@ -11,7 +11,11 @@ sparse linear system per image (the same matrix for every channel), which the
 reference builds with ``scipy.sparse.lil_matrix`` and solves with ``spsolve``; then it
 adds ``noise * N(0, 1)`` (``noise = 0.01``, absolute) to every imputed value.
 
-Here the systems of a whole batch of masks are solved at once by conjugate gradients
+Where scipy is importable (it is not a dependency of convlens; scikit-image, in the
+test and export extras, brings it) each system is built as a sparse matrix at once and
+solved directly with ``scipy.sparse.linalg.spsolve``, as the reference does: about ten
+times faster than the fallback at 224 x 224.  Otherwise, numpy only, the systems of a
+whole batch of masks are solved at once by conjugate gradients
 (Jacobi-preconditioned) on the full pixel grid, the operator applied as a 3x3 stencil
 over array slices, to a relative residual of ``tol`` per system: the matrix
 ``s_i x_i - sum_{n unknown} w_n x_n`` (``s_i`` the sum of the in-image neighbour
@@ -60,14 +64,21 @@ def linear_impute(
     *,
     tol: float = 1e-7,
     max_iter: int = 5000,
+    solver: str = "auto",
 ) -> np.ndarray:
     """The images ``(B, H, W, C)`` with every pixel where ``keep`` ``(B, H, W)`` is False
     replaced by the solution of the linear system above (no noise).  float64 inside,
-    returns float32."""
+    returns float32.  ``solver``: ``"auto"`` (scipy's direct solver when importable,
+    else conjugate gradients) or ``"cg"``."""
     img = np.asarray(images, np.float64)
     if img.ndim != 4 or keep.shape != img.shape[:3]:
         raise ValueError(f"images (B, H, W, C) and keep (B, H, W): {img.shape}, {keep.shape}")
-    known = keep.astype(bool)[..., None]  # (B, H, W, 1)
+    keep = keep.astype(bool)
+    if solver != "cg" and _scipy():
+        return np.stack([_direct(im, k) for im, k in zip(img, keep, strict=True)]).astype(
+            np.float32
+        )
+    known = keep[..., None]  # (B, H, W, 1)
     unknown = ~known
     b_, h, w, c = img.shape
     s = _neighbour_sum(np.ones((1, h, w, 1)))  # in-image neighbour weight sum (H, W)
@@ -102,6 +113,56 @@ def linear_impute(
     if none_kept.any():  # singular: any constant solves it
         out[none_kept] = img[none_kept].mean(axis=(1, 2), keepdims=True)
     return out.astype(np.float32)
+
+
+def _scipy() -> bool:
+    try:
+        import scipy.sparse.linalg  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _direct(img: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """One image ``(H, W, C)``: the system built at once (COO) and solved by
+    ``spsolve``; every pixel kept or none kept: as the CG path."""
+    from scipy.sparse import coo_matrix  # type: ignore[import-untyped]
+    from scipy.sparse.linalg import spsolve  # type: ignore[import-untyped]
+
+    h, w, c = img.shape
+    flat = img.reshape(h * w, c)
+    keepf = keep.reshape(-1)
+    idx = np.flatnonzero(~keepf)
+    out = flat.copy()
+    if not len(idx):
+        return img
+    if keepf.sum() == 0:  # singular: any constant solves it
+        return np.broadcast_to(flat.mean(axis=0), img.shape).copy()
+    vid = np.full(h * w, -1)
+    vid[idx] = np.arange(len(idx))
+    y0, x0 = np.divmod(idx, w)
+    diag = np.zeros(len(idx))
+    rhs = np.zeros((len(idx), c))
+    rows, cols, vals = [], [], []
+    for dy, dx, wt in NEIGHBOURS:
+        y, x = y0 + dy, x0 + dx
+        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+        diag[inside] += wt
+        eq = np.flatnonzero(inside)
+        nb = y[eq] * w + x[eq]
+        has = keepf[nb]
+        rhs[eq[has]] += wt * flat[nb[has]]
+        rows.append(eq[~has])
+        cols.append(vid[nb[~has]])
+        vals.append(np.full(int((~has).sum()), -wt))
+    rows.append(np.arange(len(idx)))
+    cols.append(np.arange(len(idx)))
+    vals.append(diag)
+    n = len(idx)
+    a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), (n, n))
+    sol = spsolve(a.tocsc(), rhs)
+    out[idx] = sol.reshape(n, c)
+    return out.reshape(img.shape)
 
 
 def noisy_linear_impute(

@@ -295,7 +295,8 @@ class ROAD(Metric):
         road_lerf = mean_p LeRF(p)          (higher is better)
         road      = (road_lerf - road_morf) / 2   (ROADCombined; higher is better)
 
-    The 2 x 9 imputed inputs of every image are built and solved as one batch.
+    The 2 x 9 imputed inputs of every image are built together and go through the
+    model as one batch.
     """
 
     name = "road"

@@ -220,12 +220,19 @@ def test_average_drop_increase_match_torchcam(demo):
     assert between >= 4  # the comparison is not only between saturated values
 
 
-def test_imputation_matches_spsolve(demo):
+@pytest.mark.parametrize("solver", ["auto", "cg"])
+def test_imputation_matches_spsolve(demo, solver):
     x, maps = demo["x"], demo["maps"]
     keeps = np.stack([maps[i] < np.percentile(maps[i], p) for i, p in enumerate((10, 40, 70, 90))])
     keeps[0] = 1 - maps[0] < np.percentile(1 - maps[0], 30)
-    got = linear_impute(x, keeps)
-    for i in range(len(x)):
+    keeps[1] = False  # none kept: singular, any constant solves it: the image's mean
+    keeps[2] = True  # nothing to impute
+    got = linear_impute(x, keeps, solver=solver)
+    np.testing.assert_allclose(
+        got[1], np.broadcast_to(x[1].mean(axis=(0, 1)), x[1].shape), atol=1e-6
+    )
+    np.testing.assert_array_equal(got[2], x[2])
+    for i in (0, 3):
         want = ref_impute(x[i].transpose(2, 0, 1), keeps[i].astype(np.float32))
         np.testing.assert_allclose(got[i], want.transpose(1, 2, 0), atol=1e-5)
 
