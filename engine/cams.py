@@ -390,8 +390,10 @@ class EigenGradCAM(CAMMethod):
     cannot be applied to ``X_c`` itself, whose columns sum to zero, so it is applied to
     the un-centred ``X``: ``v_1`` is turned so that ``sum_ij (X v_1)(i, j) >= 0``, i.e.
     it points along the mean of ``g * A`` over positions.  Computed like Eigen-CAM
-    (:func:`first_component`, the smaller Gram matrix; eigh, since a centred Gram matrix
-    has negative entries).
+    (:func:`first_component`, the smaller Gram matrix), but a centred Gram matrix nearly
+    always has negative entries, so by ``eigh`` rather than power iteration: the one
+    method here whose cost shows next to the graph (README, "CAM methods").  The
+    reference also sets NaN entries of ``g * A`` to 0; finite gradients are assumed here.
     """
 
     name = "eigengradcam"
