@@ -102,6 +102,8 @@ def _engine_option(f: dataclasses.Field[Any]) -> Callable[[F], F]:
             kw["type"] = click.Choice(doc.choices)
         elif doc.min is not None:
             kw["type"] = click.IntRange(min=doc.min)
+        if doc.flag_value is not None:  # --flag alone, or --flag VALUE
+            kw.update(is_flag=False, flag_value=doc.flag_value)
         if f.default is not None and f.default is not dataclasses.MISSING:
             kw.update(default=f.default, show_default=True)
     return click.option(flag, f.name, **kw)

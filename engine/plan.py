@@ -32,6 +32,7 @@ class OptionDoc:
     choices: tuple[str, ...] | None = None
     min: int | None = None
     repeat: bool = False  # a list: repeatable, comma-separated values allowed
+    flag_value: str | None = None  # the value of the bare flag (its value is optional)
 
 
 def _doc(help: str, **kw: Any) -> dict[str, OptionDoc]:
@@ -102,6 +103,31 @@ class RunOptions:
         default=None,
         metadata=_doc(
             "With --metrics: score a seeded sample of N of the inputs [default: every image].",
+            min=1,
+        ),
+    )
+    ray: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Run on Ray (the [ray] extra): bare --ray (or 'local') starts a local Ray "
+            "instance, 'auto' or HOST:PORT joins a cluster; OUTDIR and the inputs must be "
+            "on storage every node sees.",
+            flag_value="local",
+        ),
+    )
+    ray_workers: int | None = field(
+        default=None,
+        metadata=_doc(
+            "With --ray: actors, each with one onnxruntime session [default: the cluster's "
+            "GPUs with --device cuda, else its CPUs].",
+            min=1,
+        ),
+    )
+    ray_unit: int | None = field(
+        default=None,
+        metadata=_doc(
+            "With --ray: images per task, the unit a worker writes atomically [default: "
+            "8 batches].",
             min=1,
         ),
     )
