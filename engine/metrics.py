@@ -88,6 +88,10 @@ class Metric:
     reference: str = ""
     #: score name -> True when higher is better
     higher_is_better: dict[str, bool] = {}
+    #: score name -> its name as people write it (report columns); same keys as above
+    score_labels: dict[str, str] = {}
+    #: metrics with curves: what the curve's x axis (0..1) is; y is the class probability
+    curve_x: str = ""
 
     def compute(
         self,
@@ -208,6 +212,8 @@ class Deletion(_Causal):
     mode = "del"
     reference = "Petsiuk et al. 2018 (RISE evaluation.py, CausalMetric 'del', zero substrate)"
     higher_is_better = {"deletion": False}
+    score_labels = {"deletion": "Deletion AUC"}
+    curve_x = "fraction of pixels removed, most salient first"
 
     def endpoints(self, x):
         return x, np.zeros_like(x)
@@ -223,6 +229,8 @@ class Insertion(_Causal):
     mode = "ins"
     reference = "Petsiuk et al. 2018 (RISE evaluation.py, CausalMetric 'ins', blur klen=11 sigma=5)"
     higher_is_better = {"insertion": True}
+    score_labels = {"insertion": "Insertion AUC"}
+    curve_x = "fraction of pixels inserted into the blurred image, most salient first"
 
     def endpoints(self, x):
         return rise_blur(x, self.klen, self.sigma), x
@@ -251,6 +259,7 @@ class AverageDrop(Metric):
     label = "Average Drop / Increase in Confidence"
     reference = "Chattopadhyay et al. 2018; torch-cam metrics.ClassificationMetric"
     higher_is_better = {"avg_drop": False, "increase": True}
+    score_labels = {"avg_drop": "Average Drop", "increase": "Increase in Confidence"}
 
     def compute(self, images, maps, classes, predict, *, base=None, chunk=CHUNK):
         x, m, c = _check(images, maps, classes)
@@ -303,6 +312,7 @@ class ROAD(Metric):
     label = "ROAD"
     reference = "Rong et al. 2022; pytorch-grad-cam metrics/road.py"
     higher_is_better = {"road_morf": False, "road_lerf": True, "road": True}
+    score_labels = {"road_morf": "ROAD MoRF", "road_lerf": "ROAD LeRF", "road": "ROAD combined"}
 
     def __init__(
         self,
