@@ -7,6 +7,8 @@ the page, no script).
   1.0), each bar stacked by outcome (correct, wrong, unlabelled).
 - :func:`class_accuracy`: top-1 accuracy per true class, over the labelled images.
 - :func:`dead_channels`: per exposed layer, the channels that never fired over the run.
+- :func:`line_chart`: curves sampled at evenly spaced x on [0, 1], values on [0, 1] (the
+  faithfulness metrics' deletion and insertion curves), one line per series.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ OUTCOMES = (("correct", "correct"), ("wrong", "wrong"), ("unlabelled", "no label
 HIST_W, HIST_H = 560, 240
 HIST_LEFT, HIST_RIGHT, HIST_TOP, HIST_BOTTOM = 44, 12, 12, 40
 HBAR_ROW, HBAR_GAP, HBAR_LABEL_W, HBAR_TEXT_W, HBAR_W = 18, 4, 190, 110, 560
+LINE_W, LINE_H = 420, 260
+LINE_LEFT, LINE_RIGHT, LINE_TOP, LINE_BOTTOM = 44, 12, 12, 40
+#: line colours (report.css classes l-0 ... l-<LINE_COLOURS - 1>), then repeated
+LINE_COLOURS = 12
 
 
 @dataclass(frozen=True)
@@ -273,4 +279,78 @@ def dead_channels(layers: list[LayerStats]) -> HBarChart | None:
         rows,
         0,
         "Dead channels per layer: " + ", ".join(f"{r[0]} {r[1]} of {r[2]}" for r in rows),
+    )
+
+
+@dataclass(frozen=True)
+class Line:
+    """One series of a line chart: its polyline in SVG units and its values."""
+
+    key: str  # the series' id (e.g. a CAM method), for data-series
+    label: str  # for the legend
+    title: str  # the line's tooltip
+    colour: int  # css class l-<colour>
+    points: str  # "x,y x,y ..." for <polyline points>
+    values: list[float]
+
+
+@dataclass(frozen=True)
+class LineChart:
+    lines: list[Line]
+    width: int
+    height: int
+    left: float
+    top: float
+    plot_w: float
+    plot_h: float
+    x_ticks: list[Tick]
+    y_ticks: list[Tick]
+    x_label: str
+    y_label: str
+    summary: str
+
+
+def line_chart(
+    series: list[tuple[str, str, str, list[float]]],
+    x_label: str,
+    y_label: str,
+    summary: str,
+    *,
+    width: int = LINE_W,
+    height: int = LINE_H,
+) -> LineChart | None:
+    """series: (key, legend label, tooltip, values); point ``i`` of ``n`` values is drawn
+    at ``x = i / (n - 1)`` and ``y = value``, both axes [0, 1] (values clipped to it).
+    None when no series has two points or more."""
+    drawn = [s for s in series if len(s[3]) >= 2]
+    if not drawn:
+        return None
+    plot_w = width - LINE_LEFT - LINE_RIGHT
+    plot_h = height - LINE_TOP - LINE_BOTTOM
+
+    def x_at(f: float) -> float:
+        return round(LINE_LEFT + plot_w * f, 2)
+
+    def y_at(v: float) -> float:
+        return round(LINE_TOP + plot_h * (1 - min(1.0, max(0.0, v))), 2)
+
+    lines = []
+    for i, (key, label, title, values) in enumerate(drawn):
+        n = len(values)
+        pts = " ".join(f"{x_at(j / (n - 1))},{y_at(v)}" for j, v in enumerate(values))
+        lines.append(Line(key, label, title, i % LINE_COLOURS, pts, [float(v) for v in values]))
+    ticks = [0.0, 0.25, 0.5, 0.75, 1.0]
+    return LineChart(
+        lines,
+        width,
+        height,
+        LINE_LEFT,
+        LINE_TOP,
+        plot_w,
+        plot_h,
+        [Tick(f"{v:g}", x_at(v)) for v in ticks],
+        [Tick(f"{v:g}", y_at(v)) for v in ticks],
+        x_label,
+        y_label,
+        summary,
     )

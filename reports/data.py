@@ -7,10 +7,11 @@ an empty value, a torn last line of results.jsonl is skipped (and counted).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convlens.engine.cams import METHODS
 from convlens.engine.outdir import (
     STATS_JSON,
     Prediction,
@@ -55,6 +56,10 @@ class ImageEntry:
     label_index: int | None
     cam_classes: list[int]
     cam_methods: list[str]
+    #: --metrics: per CAM method, the scores of its top-1 map (empty: not scored)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: per method, the deletion and insertion curves (engine.outdir.CURVE_POINTS points)
+    metric_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     @property
     def top(self) -> Prediction | None:
@@ -126,6 +131,12 @@ class RunInfo:
         return f"class {index}"
 
 
+def method_label(name: str) -> str:
+    """A CAM method's name as people write it (the registry's ``label``)."""
+    m = METHODS.get(name)
+    return m.label if m is not None and m.label else name
+
+
 # ---- readers ----------------------------------------------------------------------
 def read_json(path: Path, notes: list[str]) -> dict[str, Any]:
     """A JSON object, or {} when the file is missing (a run still going) or damaged; a
@@ -177,6 +188,8 @@ def _entry(rec: Record, class_names: list[str]) -> ImageEntry:
         label_index=rec.label_index,
         cam_classes=list(rec.cam_classes),
         cam_methods=list(rec.cam_methods),
+        metrics=rec.metrics if rec.ok else {},
+        metric_curves=rec.metric_curves if rec.ok else {},
     )
 
 

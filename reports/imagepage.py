@@ -1,6 +1,7 @@
 """The page of one analysed image: its predictions, its CAMs (one column per
-class-specific method, one row per class; class-agnostic methods once), and its
-activation grids."""
+class-specific method, one row per class; class-agnostic methods once), beside them the
+faithfulness scores of each method's top-1 map (``--metrics``, when the image was
+scored), and its activation grids."""
 
 from __future__ import annotations
 
@@ -11,16 +12,11 @@ from convlens.engine.cams import METHODS
 
 from .assets import ASSETS_DIR, cam_file_name, grid_file_name
 from .context import Rendered, ReportContext
-from .data import AssetIndex, ImageEntry, LayerStats
+from .data import AssetIndex, ImageEntry, LayerStats, method_label
+from .faithfulness import Faithfulness, image_faithfulness
 from .imaging import GRID_COLS, grid_shape
 
 IMAGES_DIR = "images"
-
-
-def method_label(name: str) -> str:
-    """A CAM method's name as people write it (the registry's ``label``)."""
-    m = METHODS.get(name)
-    return m.label if m is not None and m.label else name
 
 
 def class_agnostic(name: str) -> bool:
@@ -77,6 +73,7 @@ class ImagePage:
     grids: list[GridView]
     grids_written: bool
     grid_policy: str
+    faithfulness: Faithfulness | None = None  # --metrics: this image's scores, if scored
 
 
 def cam_rows(
@@ -157,5 +154,6 @@ def image_pages(ctx: ReportContext) -> Iterator[Rendered]:
             grids=grid_views(e, grid_files, ctx.layers),
             grids_written=any(f.endswith(".jpg") for f in grid_files),
             grid_policy=ctx.policy,
+            faithfulness=image_faithfulness(e.metrics, e.metric_curves),
         )
         yield Rendered(f"{IMAGES_DIR}/{e.id}.html", "../", e.relpath, page)

@@ -1,5 +1,7 @@
-"""The model page: the analysis file's spec, its export parity as a table, the run's
-activation statistics (and dead-channel chart), and the per-class mean CAMs."""
+"""The model page: the analysis file's spec, its export parity as a table, the CAM
+methods compared by their faithfulness (``--metrics``: table and mean deletion/insertion
+curves), the run's activation statistics (and dead-channel chart), and the per-class
+mean CAMs."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .assets import ASSETS_DIR, CLASS_CAMS_DIR
 from .charts import HBarChart, dead_channels
 from .context import Rendered, ReportContext
 from .data import LayerStats, OutputRow, RunInfo, outputs_table
+from .faithfulness import Faithfulness, run_faithfulness
 from .formatting import flatten
 from .imaging import CAM_COLORMAP, encode_image, normalise_map, write_if_changed
 
@@ -65,6 +68,7 @@ class ModelPage:
     dead_chart: HBarChart | None
     class_cams: list[ClassCam]
     run_sections: list[tuple[str, list[tuple[str, str]]]]
+    faithfulness: Faithfulness | None = None  # --metrics: the method table and curves
 
 
 def _num(v: Any) -> float | None:
@@ -209,7 +213,8 @@ def model_page(run: RunInfo, layers: list[LayerStats], class_cams: list[ClassCam
         (title, flatten(doc))
         for title, doc in (
             ("Run settings", run.settings),
-            ("Summary", run.summary),
+            # the metrics are the method table's (above), not a list of flattened keys
+            ("Summary", {k: v for k, v in run.summary.items() if k != "metrics"}),
             ("Timings", run.timings),
             ("Other run facts", run.extra),
             ("Report assets", run.assets),
@@ -225,6 +230,7 @@ def model_page(run: RunInfo, layers: list[LayerStats], class_cams: list[ClassCam
         dead_chart=dead_channels(layers),
         class_cams=class_cams,
         run_sections=run_sections,
+        faithfulness=run_faithfulness(run.summary, run.settings, curves=True),
     )
 
 

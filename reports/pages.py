@@ -17,6 +17,7 @@ from .assets import cam_file_name, safe_name
 from .charts import HBarChart, Histogram, class_accuracy, confidence_histogram
 from .context import PageKind, Rendered, ReportContext
 from .data import ImageEntry, Results, RunInfo
+from .faithfulness import Faithfulness, run_faithfulness
 from .imagepage import IMAGES_DIR, image_pages, method_label
 from .modelpage import ClassCam, class_cam_images, model_pages
 from .summary import Summary, summarise
@@ -49,6 +50,7 @@ class IndexPage:
     confidence: Histogram | None = None
     accuracy: HBarChart | None = None
     facts: list[tuple[str, str]] = field(default_factory=list)
+    faithfulness: Faithfulness | None = None  # --metrics: the method table
 
 
 def class_names(run: RunInfo, results: Results) -> list[str]:
@@ -88,6 +90,7 @@ def index_pages(ctx: ReportContext) -> Iterator[Rendered]:
         confidence=confidence_histogram(ctx.results.entries),
         accuracy=class_accuracy(ctx.results.entries, ctx.names),
         facts=facts,
+        faithfulness=run_faithfulness(ctx.run.summary, ctx.run.settings, curves=False),
     )
     yield Rendered("index.html", "", ctx.title, page)
 

@@ -32,7 +32,9 @@ from convlens.engine.contract import (
     OutputSpec,
     Preprocess,
 )
-from convlens.engine.outdir import Record, ResultsLog
+from convlens.engine.metrics import METRICS as METRICS_REGISTRY
+from convlens.engine.outdir import CURVE_POINTS, Record, ResultsLog
+from convlens.engine.run import metric_summary
 from convlens.engine.rundir import RunDir
 from convlens.engine.sinks import ImageOutcome
 from convlens.reports import ReportAssetSink
@@ -212,6 +214,35 @@ def _maps(img: np.ndarray, classes: list[int]) -> dict[tuple[str, int], np.ndarr
     return out
 
 
+def _fake_metrics(i: int) -> dict[str, Any]:
+    """Made-up faithfulness scores and curves of image ``i`` for every METHODS entry (a
+    record's ``metrics`` and ``metric_curves``): method m's deletion curve falls, its
+    insertion curve rises, at rates that depend on m and i."""
+    scores: dict[str, dict[str, float]] = {}
+    curves: dict[str, dict[str, list[float]]] = {}
+    x = np.linspace(0.0, 1.0, CURVE_POINTS)
+    for j, m in enumerate(METHODS):
+        rate = 3.0 + 2.0 * j + (i % 5)
+        dele = 0.9 * np.exp(-rate * x) + 0.05
+        ins = 0.9 - 0.6 * np.exp(-(rate + 1.0) * x)
+        morf = -0.1 * (1 + j) - 0.01 * (i % 3)
+        lerf = -0.05 + 0.01 * j
+        scores[m] = {
+            "deletion": round(float(np.trapezoid(dele, x)), 6),
+            "insertion": round(float(np.trapezoid(ins, x)), 6),
+            "avg_drop": round(0.2 + 0.1 * j + 0.01 * (i % 4), 6),
+            "increase": float((i + j) % 2),
+            "road_morf": round(morf, 6),
+            "road_lerf": round(lerf, 6),
+            "road": round((lerf - morf) / 2, 6),
+        }
+        curves[m] = {
+            "deletion": [round(float(v), 5) for v in dele],
+            "insertion": [round(float(v), 5) for v in ins],
+        }
+    return {"metrics": scores, "metric_curves": curves}
+
+
 def _predict(true: int, i: int, n_classes: int) -> np.ndarray:
     rng = np.random.default_rng(7 + i)
     logits = rng.normal(0.0, 1.0, n_classes)
@@ -237,11 +268,15 @@ def make_fake_run(
     n_failed: int = 2,
     batch_size: int = 16,
     num_classes: int = len(CLASS_NAMES),
+    metrics: bool = False,
 ) -> FakeRun:
     """Write a realistic OUTDIR with ``n_images`` ok inputs and ``n_failed`` failed ones.
 
     Every 10th image (i % 10 == 9) has no label (an "unsorted" folder); i % 10 in (3, 7)
     are misclassified, i % 10 == 5 has low confidence.  Image 1 is the XSS-named file.
+    ``metrics``: as ``--metrics all --metrics-sample``: every other ok image gets
+    faithfulness scores and curves (:func:`_fake_metrics`, made up, not computed), and
+    run.json their means through the engine's own ``metric_summary``.
     """
     outdir = Path(outdir)
     input_dir = (
@@ -283,6 +318,8 @@ def make_fake_run(
         "grids": grids,
         "grid_sample": grid_sample,
     }
+    if metrics:
+        settings.update(metrics=list(METRICS_REGISTRY), metrics_sample=(n_images + 1) // 2)
     sink.open(outdir, spec, settings)
     stats: dict[str, dict[str, Any]] = {
         name: {
@@ -340,6 +377,8 @@ def make_fake_run(
                     cam_classes=cam_classes,
                     cam_methods=METHODS,
                 )
+                if metrics and i % 2 == 0:
+                    rec.update(_fake_metrics(i))
                 acts = _activations(img)
                 maps = _maps(img, cam_classes)
                 for name, a in acts.items():
@@ -406,7 +445,57 @@ def make_fake_run(
             "seconds": round(0.05 * len(records), 3),
             "images_per_second": 20.0,
             "device": "cpu (fake run, no engine)",
+            **(
+                {"metrics": metric_summary([Record.from_json(r) for r in records])}
+                if metrics
+                else {}
+            ),
         },
     )
     sink.close(summary)
     return FakeRun(outdir, input_dir, spec, records, sink, grid_ids)
+
+
+# ---- a real run with --metrics ------------------------------------------------------
+METRIC_SAMPLE = 4
+_METRIC_RUNS: dict[Path, Path] = {}
+
+
+def real_metric_run(root: Path) -> Path:
+    """The OUTDIR of a real ``convlens run`` of the bundled demo model over 8 of its
+    photos (2 a class, labelled by folder, and two of the mixed ones), the registry's
+    default CAM methods, ``--metrics all --metrics-sample METRIC_SAMPLE``, report
+    rendered.  Made once per session and ``root`` (test modules share it)."""
+    root = Path(root)
+    if root in _METRIC_RUNS:
+        return _METRIC_RUNS[root]
+    from convlens.engine.run import RunOptions, run
+    from convlens.pipeline import demo_paths
+    from convlens.reports import render_report
+
+    model_path, photos = demo_paths()
+    inputs = root / "metric-photos"
+    for folder in ("brick", "grass", "gravel", "mixed"):
+        (inputs / folder).mkdir(parents=True)
+        for src in sorted((photos / folder).glob("*.jpg"))[:2]:
+            (inputs / folder / src.name).write_bytes(src.read_bytes())
+    out = root / "metric-out"
+    summary = run(
+        model_path,
+        [str(inputs)],
+        out,
+        RunOptions(
+            device="cpu",
+            labels_from_dirs=True,
+            batch_size=8,
+            metrics=["all"],
+            metrics_sample=METRIC_SAMPLE,
+        ),
+        sinks=[ReportAssetSink(grids="sample", grid_sample=2)],
+        progress=False,
+        warn=lambda m: None,
+    )
+    assert summary.ok == 8 and summary.failed == 0
+    render_report(out, page_size=4)
+    _METRIC_RUNS[root] = out
+    return out

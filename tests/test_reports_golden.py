@@ -26,7 +26,9 @@ UPDATE = os.environ.get("CONVLENS_UPDATE_GOLDEN") == "1"
 
 @pytest.fixture(scope="module")
 def golden_run(tmp_path_factory: pytest.TempPathFactory) -> FakeRun:
-    run = make_fake_run(tmp_path_factory.mktemp("golden") / "out", 6, grid_sample=2, n_failed=2)
+    run = make_fake_run(
+        tmp_path_factory.mktemp("golden") / "out", 6, grid_sample=2, n_failed=2, metrics=True
+    )
     render_report(run.outdir, page_size=4)
     return run
 
