@@ -58,13 +58,12 @@ class Inference:
         try:
             self.proto = onnx.load(str(plan.model_path))  # loaded once, pruned per session
             model = with_stats(self.proto, plan.spec, keep=self.names)
-            self.session = open_session(model, plan.device, plan.threads)
+            self.session = open_session(model, plan.device, plan.threads, plan.runtime)
         except (DeviceError, DecodeError, OSError) as exc:
             raise RunError(str(exc).splitlines()[0]) from exc
         except RuntimeError as exc:  # onnxruntime's own load failures (Fail, InvalidGraph)
             raise RunError(f"onnxruntime cannot load {plan.model_path}: {_first(exc)}") from exc
-        inputs = self.session.session.get_inputs()
-        self.takes_targets = any(i.name == C.IN_TARGETS for i in inputs)
+        self.takes_targets = C.IN_TARGETS in self.session.input_names
         self.constants = self._fetch_constants()
         self._acts_session: Session | None = None
         self._predict_session: Session | None = None
@@ -83,19 +82,24 @@ class Inference:
     def note(self) -> str | None:
         return self.session.note
 
+    def _open(self, model: bytes) -> Session:
+        """Another session of this run: the main session's device and runtime."""
+        s = self.session
+        return open_session(model, s.device, self.plan.threads, s.runtime)
+
     def _fetch_constants(self) -> dict[str, np.ndarray]:
         if not self.plan.spec.has_output(C.OUT_CAM_WEIGHTS):
             return {}
         names = [C.OUT_CAM_WEIGHTS, C.OUT_CAM_BIAS]
         consts = open_session(pruned(self.proto, names), "cpu")  # constants: no input
-        w, b = consts.session.run(names, {})
+        w, b = consts.run(names, {})
         return {"weights": w, "bias": b}
 
     def _activations_session(self) -> Session:
         if self._acts_session is None:
             names = [n for n, _, _ in self._layers]
             model = pruned(self.proto, names)
-            self._acts_session = open_session(model, self.session.device, self.plan.threads)
+            self._acts_session = self._open(model)
         return self._acts_session
 
     def run(self, good: list[Decoded], stats: RunStats, cams: ClassCAMs) -> list[ImageOutcome]:
@@ -108,7 +112,7 @@ class Inference:
         feeds: dict[str, np.ndarray] = {C.IN_IMAGE: x}
         if self.takes_targets:
             feeds[C.IN_TARGETS] = targets
-        out = dict(zip(self.names, self.session.session.run(self.names, feeds), strict=True))
+        out = dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
         probs = self._probabilities(out[C.OUT_PREDICTIONS])
         order = np.argsort(-probs, axis=1, kind="stable")
         if C.OUT_TARGET_INDICES in out:
@@ -147,9 +151,9 @@ class Inference:
         predictions (the metrics' perturbed inputs: no statistics, no gradients)."""
         if self._predict_session is None:
             model = pruned(self.proto, [C.OUT_PREDICTIONS])
-            self._predict_session = open_session(model, self.session.device, self.plan.threads)
+            self._predict_session = self._open(model)
         feeds = {C.IN_IMAGE: np.ascontiguousarray(batch, np.float32)}
-        raw = self._predict_session.session.run([C.OUT_PREDICTIONS], feeds)[0]
+        raw = self._predict_session.run([C.OUT_PREDICTIONS], feeds)[0]
         return self._probabilities(raw)
 
     def _attach_metrics(
@@ -236,7 +240,7 @@ class Inference:
             return
         rows = np.flatnonzero(want)
         names = [n for n, _, _ in self._layers]
-        got = self._activations_session().session.run(names, {C.IN_IMAGE: x[rows]})
+        got = self._activations_session().run(names, {C.IN_IMAGE: x[rows]})
         acts = dict(zip(names, got, strict=True))
         for j, row in enumerate(rows.tolist()):
             results[row].activations = {n[len(C.ACT_PREFIX) :]: a[j] for n, a in acts.items()}

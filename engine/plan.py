@@ -14,7 +14,7 @@ from . import contract as C
 from .cams import METHODS, availability, default_methods
 from .images import DEFAULT_MAX_PIXELS
 from .metrics import METRICS
-from .runtime import DEVICES
+from .runtime import DEVICES, RUNTIMES
 
 
 class RunError(Exception):
@@ -47,12 +47,26 @@ class RunOptions:
         default="auto",
         metadata=_doc("auto uses CUDA only where it really loads.", choices=DEVICES),
     )
+    runtime: str = field(
+        default="auto",
+        metadata=_doc(
+            "What runs the graph: auto is onnxruntime on CUDA, and on the CPU OpenVINO "
+            "where it is installed (the [openvino] extra) and compiles the graph, else "
+            "onnxruntime.",
+            choices=RUNTIMES,
+        ),
+    )
     batch_size: int = field(default=16, metadata=_doc("Images per onnxruntime call.", min=1))
     workers: int | None = field(
         default=None, metadata=_doc("Decoding threads [default: number of CPUs].", min=1)
     )
     threads: int | None = field(
-        default=None, metadata=_doc("onnxruntime intra-op threads [default: its own].", min=1)
+        default=None,
+        metadata=_doc(
+            "Inference threads (onnxruntime intra-op, OpenVINO INFERENCE_NUM_THREADS) "
+            "[default: the runtime's own].",
+            min=1,
+        ),
     )
     cam_methods: list[str] | None = field(
         default=None,
@@ -140,6 +154,7 @@ class RunPlan:
     model_path: Path
     spec: C.ModelSpec
     device: str
+    runtime: str
     batch_size: int
     workers: int
     threads: int | None
@@ -177,6 +192,7 @@ class RunPlan:
             model_path=path,
             spec=spec,
             device=o.device,
+            runtime=o.runtime,
             batch_size=o.batch_size,
             workers=o.workers or os.cpu_count() or 1,
             threads=o.threads,

@@ -71,6 +71,7 @@ class RunSummary:
     skipped: int  # inputs already done by an earlier run
     seconds: float
     device: str
+    runtime: str = "onnxruntime"  # what ran the graph: onnxruntime or openvino
     notes: list[str] = field(default_factory=list)
     #: --metrics: per CAM method, the mean of every score over the scored images
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -87,7 +88,7 @@ class RunSummary:
         return (
             f"{self.ok} ok, {self.failed} failed ({self.processed} processed, "
             f"{self.skipped} already done) in {self.seconds:.1f} s, "
-            f"{self.images_per_second:.1f} img/s on {self.device}"
+            f"{self.images_per_second:.1f} img/s on {self.device} via {self.runtime}"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -101,6 +102,7 @@ class RunSummary:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "device": self.device,
+            "runtime": self.runtime,
             **({"metrics": self.metrics} if self.metrics else {}),
         }
 
@@ -203,6 +205,7 @@ class Runner:
             skipped=len(found.files) - len(todo),
             seconds=time.perf_counter() - t0,
             device=inference.device,
+            runtime=inference.session.runtime,
             notes=notes,
             metrics=metric_summary(records),
         )

@@ -1,4 +1,19 @@
-"""onnxruntime sessions: device choice without onnxruntime-gpu's multi-line noise."""
+"""Sessions: the one interface the engine runs graphs through, whatever the runtime.
+
+:func:`open_session` picks the device (CUDA only where it really loads, without
+onnxruntime-gpu's multi-line noise) and the runtime:
+
+- ``onnxruntime``: CUDA or CPU.  Batches go through I/O binding
+  (:mod:`convlens.engine.runtime_bind`): outputs bound on the device, read back once.
+- ``openvino`` (the ``[openvino]`` extra, :mod:`convlens.engine.runtime_ov`): CPU only.
+- ``auto``: onnxruntime on CUDA; on the CPU OpenVINO where it is installed and compiles
+  the graph, else onnxruntime (with a one-line reason when OpenVINO is installed but
+  cannot serve the graph).  The rule comes from ``benchmarks/bench_runtime.py``: on this
+  project's CPU benchmark models OpenVINO ran the analysis graph faster (README,
+  Benchmarks).
+
+Every session answers :meth:`Session.run` ``(names, feeds) -> arrays`` the same way.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +22,58 @@ import os
 import re
 import sys
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 DEVICES = ("auto", "cuda", "cpu")
+RUNTIMES = ("auto", "onnxruntime", "openvino")
 
 
 class DeviceError(RuntimeError):
-    """The requested device cannot be used; ``str(e)`` is one line."""
+    """The requested device or runtime cannot be used; ``str(e)`` is one line."""
 
 
-@dataclass
-class Session:
-    session: Any  # onnxruntime.InferenceSession
-    device: str  # "cuda" or "cpu"
-    note: str | None  # one line to tell the user (e.g. the CUDA fallback), or None
+class Session(ABC):
+    """One compiled graph on one device, whatever runs it."""
+
+    def __init__(self, runtime: str, device: str, note: str | None):
+        self.runtime = runtime  # "onnxruntime" or "openvino"
+        self.device = device  # "cuda" or "cpu"
+        self.note = note  # one line to tell the user (e.g. the CUDA fallback), or None
+
+    @property
+    @abstractmethod
+    def input_names(self) -> list[str]:
+        """The graph's input names."""
+
+    @abstractmethod
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs ``names`` (host arrays, the caller's to keep) for ``feeds``."""
+
+
+class OrtSession(Session):
+    """An onnxruntime InferenceSession; batches through I/O binding unless ``bind`` is
+    False (then ``InferenceSession.run``)."""
+
+    def __init__(self, session: Any, device: str, note: str | None, bind: bool = True):
+        from .runtime_bind import Binder
+
+        super().__init__("onnxruntime", device, note)
+        self.session = session  # onnxruntime.InferenceSession
+        self.binder = Binder(session, device) if bind else None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.binder is None or not feeds:
+            return list(self.session.run(names, feeds))
+        return self.binder.run(names, feeds)
 
 
 @contextlib.contextmanager
@@ -62,6 +112,11 @@ def _reason(log: str) -> str:
 
 
 def session_options(threads: int | None = None) -> Any:
+    """onnxruntime's session options: every graph optimisation, errors-only logging,
+    ``threads`` intra-op threads (default: onnxruntime's, one per core), no spinning.
+
+    Measured by ``benchmarks/bench_runtime.py``: ORT_ENABLE_ALL against BASIC/EXTENDED and
+    spinning on or off (README, Benchmarks)."""
     import onnxruntime as ort
 
     # the environment's own logger (device discovery, provider loading) says warnings
@@ -79,29 +134,40 @@ def session_options(threads: int | None = None) -> Any:
 
 
 def open_session(
-    model: str | Path | bytes, device: str = "auto", threads: int | None = None
+    model: str | Path | bytes,
+    device: str = "auto",
+    threads: int | None = None,
+    runtime: str = "onnxruntime",
+    bind: bool = True,
 ) -> Session:
-    """Open an InferenceSession on ``device`` ("auto", "cuda" or "cpu").
+    """A session on ``device`` ("auto", "cuda" or "cpu") run by ``runtime`` ("auto",
+    "onnxruntime" or "openvino").
 
-    ``auto`` uses CUDA only where it really loads, else says one line and uses the CPU.
-    ``cuda`` fails with one line when CUDA does not load.
+    ``auto`` device uses CUDA only where it really loads, else says one line and uses the
+    CPU; ``cuda`` fails with one line when CUDA does not load.  ``auto`` runtime: see the
+    module docstring.  ``bind``: onnxruntime batches through I/O binding.
     """
-    import onnxruntime as ort
-
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}: choose auto, cuda or cpu")
+    if runtime not in RUNTIMES:
+        raise DeviceError(f"unknown runtime {runtime!r}: choose {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        if device == "cuda":
+            raise DeviceError("--runtime openvino runs on the CPU: use onnxruntime for CUDA")
+        from .runtime_ov import open_openvino
+
+        return open_openvino(model, threads, None)
     src = model if isinstance(model, bytes) else str(model)
-    opts = session_options(threads)
     if device == "cpu":
-        return Session(
-            ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"]), "cpu", None
-        )
+        return _cpu(src, threads, None, runtime, bind)
+    import onnxruntime as ort
+
+    opts = session_options(threads)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         reason = "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
         if device == "cuda":
             raise DeviceError(f"CUDA not available ({reason})")
-        sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-        return Session(sess, "cpu", f"CUDA not available ({reason}); using CPU")
+        return _cpu(src, threads, f"CUDA not available ({reason}); using CPU", runtime, bind)
     with _captured_stderr() as log:
         try:
             sess = ort.InferenceSession(
@@ -112,9 +178,27 @@ def open_session(
             sess, failure = None, str(exc)
     text = "".join(log) + (failure or "")
     if sess is not None and "CUDAExecutionProvider" in sess.get_providers():
-        return Session(sess, "cuda", None)
+        return OrtSession(sess, "cuda", None, bind)
     reason = _reason(text)
     if device == "cuda":
         raise DeviceError(f"CUDA not available ({reason})")
-    sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-    return Session(sess, "cpu", f"CUDA not available ({reason}); using CPU")
+    return _cpu(src, threads, f"CUDA not available ({reason}); using CPU", runtime, bind)
+
+
+def _cpu(
+    src: str | bytes, threads: int | None, note: str | None, runtime: str, bind: bool
+) -> Session:
+    """A CPU session: OpenVINO for ``auto`` where it serves the graph, else onnxruntime."""
+    if runtime == "auto":
+        from .runtime_ov import openvino_or_reason
+
+        ov, why = openvino_or_reason(src, threads, note)
+        if ov is not None:
+            return ov
+        if why is not None:  # installed, but cannot serve this graph
+            note = f"{note}; " if note else ""
+            note += f"OpenVINO cannot run this graph ({why}); using onnxruntime"
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
+    return OrtSession(sess, "cpu", note, bind)
