@@ -72,10 +72,10 @@ class Tick:
 
 
 @dataclass(frozen=True)
-class Histogram:
-    bins: list[HistBin]
-    series: list[tuple[str, str]]  # the outcomes present, for the legend
-    total: int
+class Plot:
+    """A chart's frame: its size, the plot area inside it, and the ticks of its axes
+    (drawn by templates/charts.html's ``axes``)."""
+
     width: int
     height: int
     left: float
@@ -84,6 +84,13 @@ class Histogram:
     plot_h: float
     y_ticks: list[Tick]
     x_ticks: list[Tick]
+
+
+@dataclass(frozen=True)
+class Histogram(Plot):
+    bins: list[HistBin]
+    series: list[tuple[str, str]]  # the outcomes present, for the legend
+    total: int
 
     @property
     def summary(self) -> str:
@@ -186,9 +193,6 @@ def confidence_histogram(entries: list[ImageEntry]) -> Histogram | None:
     x_ticks = [Tick(f"{v:.1f}", round(HIST_LEFT + plot_w * v, 2)) for v in edges[::2]]
     present = [(k, label) for k, label in OUTCOMES if counts[k].sum()]
     return Histogram(
-        bins,
-        present,
-        len(scored),
         HIST_W,
         HIST_H,
         HIST_LEFT,
@@ -197,6 +201,9 @@ def confidence_histogram(entries: list[ImageEntry]) -> Histogram | None:
         plot_h,
         y_ticks,
         x_ticks,
+        bins=bins,
+        series=present,
+        total=len(scored),
     )
 
 
@@ -295,16 +302,8 @@ class Line:
 
 
 @dataclass(frozen=True)
-class LineChart:
+class LineChart(Plot):
     lines: list[Line]
-    width: int
-    height: int
-    left: float
-    top: float
-    plot_w: float
-    plot_h: float
-    x_ticks: list[Tick]
-    y_ticks: list[Tick]
     x_label: str
     y_label: str
     summary: str
@@ -339,18 +338,19 @@ def line_chart(
         n = len(values)
         pts = " ".join(f"{x_at(j / (n - 1))},{y_at(v)}" for j, v in enumerate(values))
         lines.append(Line(key, label, title, i % LINE_COLOURS, pts, [float(v) for v in values]))
-    ticks = [0.0, 0.25, 0.5, 0.75, 1.0]
+    ticks = [Tick(f"{v:g}", x_at(v)) for v in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    y_ticks = [Tick(t.text, y_at(float(t.text))) for t in ticks]
     return LineChart(
-        lines,
         width,
         height,
         LINE_LEFT,
         LINE_TOP,
         plot_w,
         plot_h,
-        [Tick(f"{v:g}", x_at(v)) for v in ticks],
-        [Tick(f"{v:g}", y_at(v)) for v in ticks],
-        x_label,
-        y_label,
-        summary,
+        y_ticks,
+        ticks,
+        lines=lines,
+        x_label=x_label,
+        y_label=y_label,
+        summary=summary,
     )
