@@ -38,6 +38,7 @@ class Shot:
     page: Callable[[Path], Path]  # the demo OUTDIR -> the HTML file to open
     wait_for: str  # a CSS selector present once the page has drawn
     max_height: int = 2000  # px: the top of a long page
+    element: str | None = None  # shoot only this element (CSS selector), not the page top
 
 
 def image_page(outdir: Path) -> Path:
@@ -74,11 +75,13 @@ SHOTS: tuple[Shot, ...] = (
     Shot("image", image_page, "img.cam-heat", max_height=1500),
     Shot("model", lambda out: out / "model.html", "table.layers"),
     Shot("compare", compare_page, "main h1"),
+    Shot("faithfulness", lambda out: out / "model.html", "#faithfulness", element="#faithfulness"),
 )
 
 
 def demo_run(outdir: Path) -> Path:
-    """The demo, as ``convlens demo`` runs it, with activation grids for every image."""
+    """The demo, as ``convlens demo`` runs it, with activation grids for every image and
+    the faithfulness metrics (``--metrics all``) of its default CAM methods."""
     from convlens.engine.run import RunOptions
     from convlens.pipeline import analyze, demo_paths
 
@@ -87,7 +90,7 @@ def demo_run(outdir: Path) -> Path:
         model,
         [str(photos)],
         outdir,
-        RunOptions(device="cpu", labels_from_dirs=True, save_maps=True),
+        RunOptions(device="cpu", labels_from_dirs=True, save_maps=True, metrics=["all"]),
         grids="all",
         warn=lambda m: None,
     )
@@ -131,6 +134,10 @@ def shoot(shots: tuple[Shot, ...], dest: Path = OUT) -> list[Path]:
                     )
                     height = page.evaluate("document.documentElement.scrollHeight")
                     path = dest / f"{shot.name}.png"
+                    if shot.element:
+                        page.locator(shot.element).screenshot(path=str(path))
+                        written.append(path)
+                        continue
                     page.screenshot(
                         path=str(path),
                         full_page=True,
