@@ -1,8 +1,9 @@
 """What the engine hands to consumers (e.g. the report's asset writer) while it runs.
 
 The engine knows nothing of HTML: it calls every sink with plain arrays and the record
-it wrote to results.jsonl.  A sink must not keep references to the arrays after
-``on_batch`` returns (memory stays flat).
+it wrote to results.jsonl.  The engine never writes into those arrays after handing
+them over; a sink may keep them past ``on_batch`` (e.g. to encode files on another
+thread) only for a bounded number of images, so memory stays flat.
 """
 
 from __future__ import annotations

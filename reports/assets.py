@@ -28,15 +28,21 @@ CAM heatmaps
 Grid policy (``grids=``)
     ``"all"``, ``"sample"`` or ``"none"``: see :mod:`convlens.reports.gridpolicy`.  With
     ``"sample"`` the first ``grid_sample`` ok images of the run's input order get grids,
-    and every misclassified or low-confidence one.
+    and the first ``grid_notable`` misclassified or low-confidence ones: at most
+    ``grid_sample + grid_notable`` images whatever the run's size.
 
 Resume
     :meth:`ReportAssetSink.missing` tells the engine which done images lack their
     thumbnail, a CAM heatmap, or the grids the policy certainly gives them: the engine
     recomputes those, and the sink writes their files again.
 
-The sink keeps no arrays between calls: everything an outcome holds is rendered and
-dropped inside ``on_batch``.
+Off the critical path
+    ``on_batch`` decides, shrinks the thumbnail and copies the maps (and a grid image's
+    activations), and queues: each image's files are encoded and written on
+    a report thread (:mod:`convlens.reports.background`), at most ``REPORT_PENDING``
+    images queued, so the engine decodes and runs the next batch meanwhile; ``close``
+    waits for the queue.  A record the engine logs before its files are written is one
+    :meth:`ReportAssetSink.missing` finds lacking on resume.
 """
 
 from __future__ import annotations
@@ -51,11 +57,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from convlens.engine.contract import ACT_PREFIX
 from convlens.engine.outdir import Record
 from convlens.engine.results import refuse_links
 
+from .background import Background
 from .gridpolicy import (
+    GRID_NOTABLE,
     GRID_POLICIES,
     GRID_SAMPLE,
     LOW_CONFIDENCE,
@@ -77,6 +87,7 @@ from .imaging import (
     atomic_write_bytes,
     atomic_write_text,
     cam_levels_batch,
+    encode_image,
     encode_indexed_png,
     thumbnail,
     to_bgr,
@@ -108,6 +119,10 @@ __all__ = [
 ]
 
 GRID_JPEG_QUALITY = 92
+#: report threads, and images queued for them at most (each holds one image's arrays)
+REPORT_WORKERS = 1
+REPORT_PENDING = 32
+
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HEX_ID = re.compile(r"[0-9a-f]{8,64}")
@@ -196,9 +211,13 @@ class ReportAssetSink:
     """Writes thumbnails, CAM overlays and activation grids while the engine runs."""
 
     def __init__(
-        self, grids: str = "sample", grid_sample: int = GRID_SAMPLE, thumb_size: int = 256
+        self,
+        grids: str = "sample",
+        grid_sample: int = GRID_SAMPLE,
+        thumb_size: int = 256,
+        grid_notable: int = GRID_NOTABLE,
     ):
-        self.policy = GridPolicy(grids, grid_sample)  # validates both
+        self.policy = GridPolicy(grids, grid_sample, grid_notable)  # validates them
         if thumb_size < 16:
             raise ValueError("thumb_size must be >= 16")
         self.grids = grids
@@ -206,6 +225,10 @@ class ReportAssetSink:
         self.thumb_size = int(thumb_size)
         self._root: Path | None = None
         self._decided: dict[str, bool] = {}  # id -> grids, decided by wants_activations
+        #: the files are made on report threads, at most REPORT_PENDING images queued
+        self._work: Background[dict[str, float]] = Background(
+            REPORT_WORKERS, REPORT_PENDING, self._collect
+        )
         #: small counters (no arrays): images, thumbnails, overlays, grid_images, grid_files
         self.counts: dict[str, int] = {}
         #: seconds spent: "thumbs_overlays" and "grids"
@@ -274,6 +297,7 @@ class ReportAssetSink:
             self._one(outcome)
 
     def close(self, summary: dict[str, Any]) -> None:
+        self._work.drain()
         if self._root is not None:
             self._write_manifest(final=True)
 
@@ -292,42 +316,64 @@ class ReportAssetSink:
 
     # -- work ---------------------------------------------------------------------
     def _one(self, outcome: ImageOutcome) -> None:
-        assert self._root is not None
+        """Count the outcome and queue its files (see :mod:`convlens.reports.background`):
+        the thumbnail, one heatmap per map, and the grids when the policy says so."""
         record = outcome.record
         self.counts["images"] += 1
         if not record.ok or outcome.image is None:
             self.counts["errors"] += 1
             return
-        rid = safe_id(record.id)
         decided = self._decided.pop(record.id, None)
         grids = self.wants_grids(record) if decided is None else decided
-
+        # the report thread gets its own arrays (the engine's are dropped on return): the
+        # shrunk thumbnail, the small maps, and the activations only for a grid image
         t0 = time.perf_counter()
-        # shrink first: the colour conversion then runs on the small image
         thumb = to_bgr(thumbnail(to_uint8(outcome.image), self.thumb_size))
+        maps = {key: np.array(raw, np.float32) for key, raw in outcome.maps.items()}
+        acts = {k: np.array(a) for k, a in outcome.activations.items()} if grids else {}
+        self.timings["thumbs_overlays_s"] += time.perf_counter() - t0
+        self._work.submit(self._render, safe_id(record.id), thumb, maps, acts)
+
+    def _render(
+        self,
+        rid: str,
+        thumb: np.ndarray,
+        maps: dict[tuple[str, int], np.ndarray],
+        activations: dict[str, np.ndarray],
+    ) -> dict[str, float]:
+        """One image's files (on a report thread); what it did, for the counters."""
+        assert self._root is not None
+        t0 = time.perf_counter()
         write_image(self._root / THUMBS_DIR / f"{rid}.jpg", thumb)
-        self.counts["thumbnails"] += 1
-        if outcome.maps:
+        if maps:
             cam_dir = os.path.join(self._root, CAMS_DIR, rid)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(cam_dir)
-            for (method, cls), levels in cam_levels_batch(outcome.maps).items():
+            for (method, cls), levels in cam_levels_batch(maps).items():
                 path = os.path.join(cam_dir, cam_file_name(method, cls))
                 atomic_write_bytes(path, encode_indexed_png(levels))
-                self.counts["overlays"] += 1
         t1 = time.perf_counter()
-        self.timings["thumbs_overlays_s"] += t1 - t0
-
-        if grids and outcome.activations:
-            grid_dir = self._root / GRIDS_DIR / rid
-            grid_dir.mkdir(exist_ok=True)
-            for layer, act in outcome.activations.items():
-                write_image(
-                    grid_dir / grid_file_name(layer), activation_grid(act), GRID_JPEG_QUALITY
+        done = {"thumbnails": 1, "overlays": len(maps), "thumbs_overlays_s": t1 - t0}
+        if activations:
+            grid_dir = os.path.join(self._root, GRIDS_DIR, rid)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(grid_dir)
+            for layer, act in activations.items():
+                img = activation_grid(act)
+                atomic_write_bytes(
+                    os.path.join(grid_dir, grid_file_name(layer)),
+                    encode_image(img, ".jpg", GRID_JPEG_QUALITY),
                 )
-                self.counts["grid_files"] += 1
-            self.counts["grid_images"] += 1
-            self.timings["grids_s"] += time.perf_counter() - t1
+            done |= {"grid_images": 1, "grid_files": len(activations)}
+            done["grids_s"] = time.perf_counter() - t1
+        return done
+
+    def _collect(self, done: dict[str, float]) -> None:
+        for key, value in done.items():
+            if key.endswith("_s"):
+                self.timings[key] += value
+            else:
+                self.counts[key] += int(value)
 
     def _write_manifest(self, *, final: bool) -> None:
         assert self._root is not None
@@ -336,6 +382,7 @@ class ReportAssetSink:
             "complete": final,
             "grids": self.grids,
             "grid_sample": self.grid_sample,
+            "grid_notable": self.policy.grid_notable,
             "low_confidence": LOW_CONFIDENCE,
             "thumb_size": self.thumb_size,
             "cam_colormap": CAM_COLORMAP_NAME,

@@ -13,8 +13,11 @@ place in the run alone.
                  (misclassified);
               3. its top-1 probability is below ``LOW_CONFIDENCE`` (0.5).
 
-              2 and 3 are not capped: a run where a third of the images is wrong gets
-              grids for that third.
+              2 and 3 are capped: only the first ``grid_notable`` (``GRID_NOTABLE``,
+              50) such images of the input order get grids for being notable, so a run
+              gives grids to at most ``grid_sample + grid_notable`` images whatever
+              its size and whatever the model (a random-weight model is unsure of every
+              image), and OUTDIR's grids stay bounded.
 
 Why the input order and not "the first images this process saw": a killed run resumed,
 whatever it recomputes, then picks exactly the images a clean run picks (a count of what
@@ -34,6 +37,7 @@ from convlens.engine.outdir import Record
 GRID_POLICIES = ("all", "sample", "none")
 LOW_CONFIDENCE = 0.5
 GRID_SAMPLE = 50  # grids=sample: the first images of a run that get grids
+GRID_NOTABLE = 50  # grids=sample: at most this many more, misclassified or unsure
 
 
 def top1(record: Record) -> tuple[int | None, float | None]:
@@ -63,37 +67,44 @@ def notable(record: Record) -> bool:
 class GridPolicy:
     """The grid decision of one run (see the module docstring)."""
 
-    def __init__(self, grids: str = "sample", grid_sample: int = GRID_SAMPLE):
+    def __init__(
+        self,
+        grids: str = "sample",
+        grid_sample: int = GRID_SAMPLE,
+        grid_notable: int = GRID_NOTABLE,
+    ):
         if grids not in GRID_POLICIES:
             raise ValueError(f"grids must be one of {', '.join(GRID_POLICIES)}, got {grids!r}")
-        if grid_sample < 0:
-            raise ValueError("grid_sample must be >= 0")
+        if grid_sample < 0 or grid_notable < 0:
+            raise ValueError("grid_sample and grid_notable must be >= 0")
         self.grids = grids
         self.grid_sample = int(grid_sample)
+        self.grid_notable = int(grid_notable)
         self._position: dict[str, int] = {}  # id -> place in the run's input order
         self._first_ok: list[int] = []  # sorted places of the first ok images known
+        self._first_notable: list[int] = []  # the same, of the notable ones
 
-    def expect(self, order: Sequence[str], done: Iterable[str]) -> None:
-        """The run's input order (ids) and the ok images already done."""
+    def expect(self, order: Sequence[str], done: Iterable[str] | Mapping[str, Record]) -> None:
+        """The run's input order (ids) and the ok images already done (their records,
+        or their ids alone)."""
         self._position = places(order)
         done_at = (self._position[i] for i in done if i in self._position)
         self._first_ok = sorted(done_at)[: self.grid_sample]
+        records: list[tuple[str, Record]] = []  # given ids alone: none is notable
+        if isinstance(done, Mapping):
+            records = list(done.items())
+        notable_at = (self._position[i] for i, r in records if i in self._position and notable(r))
+        self._first_notable = sorted(notable_at)[: self.grid_notable]
 
     def decide(self, record: Record) -> bool:
         """Whether this ok record gets grids; the same answer when asked again."""
         if self.grids != "sample":
             return self.grids == "all"
         pos = self._position.setdefault(record.id, len(self._position))
-        return self._among_first(pos) or notable(record)
-
-    def _among_first(self, pos: int) -> bool:
-        i = bisect.bisect_left(self._first_ok, pos)
-        if i >= self.grid_sample:
-            return False
-        if i == len(self._first_ok) or self._first_ok[i] != pos:
-            self._first_ok.insert(i, pos)
-            del self._first_ok[self.grid_sample :]
-        return True
+        first = _among_first(self._first_ok, self.grid_sample, pos)
+        if not notable(record):
+            return first
+        return _among_first(self._first_notable, self.grid_notable, pos) or first
 
     def certain(self, order: Sequence[str], done: Mapping[str, Record]) -> set[str]:
         """The done records that get grids whatever the inputs still to run turn out
@@ -101,16 +112,40 @@ class GridPolicy:
         first ok images): what a resume may expect to find on disk."""
         if self.grids != "sample":
             return set(done) if self.grids == "all" else set()
-        out = {i for i, r in done.items() if notable(r)}
-        known_ok = unknown = 0
-        for rid in places(order):
-            if rid in done:
-                if known_ok + unknown < self.grid_sample:
-                    out.add(rid)
-                known_ok += 1
-            else:
-                unknown += 1
-        return out
+        places_ = places(order)
+        out = _certain_first(places_, done, set(done), self.grid_sample)
+        worth = {i for i, r in done.items() if notable(r)}
+        return out | _certain_first(places_, done, worth, self.grid_notable)
+
+
+def _among_first(first: list[int], n: int, pos: int) -> bool:
+    """Whether place ``pos`` is among the first ``n`` of ``first`` (sorted places),
+    inserting it (and dropping what falls past ``n``) when it is."""
+    i = bisect.bisect_left(first, pos)
+    if i >= n:
+        return False
+    if i == len(first) or first[i] != pos:
+        first.insert(i, pos)
+        del first[n:]
+    return True
+
+
+def _certain_first(
+    order: Mapping[str, int], done: Mapping[str, Record], members: set[str], n: int
+) -> set[str]:
+    """The ``members`` (done ids of one kind) certainly among the first ``n`` of their
+    kind in ``order``: fewer than ``n`` members and inputs not done yet (each may turn
+    out to be one) come before them."""
+    out = set()
+    seen = unknown = 0
+    for rid in order:
+        if rid in members:
+            if seen + unknown < n:
+                out.add(rid)
+            seen += 1
+        elif rid not in done:
+            unknown += 1
+    return out
 
 
 def places(order: Sequence[str]) -> dict[str, int]:
