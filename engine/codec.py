@@ -24,6 +24,9 @@ class ImageError(Exception):
 #: ``imdecode`` flags: RGB output (no BGR->RGB pass), 16-bit/float depth kept, EXIF
 #: orientation applied by OpenCV.
 _DECODE_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH
+#: JPEG only: libjpeg's DCT-domain downscaling by 2, 4 or 8 (``IMREAD_REDUCED_*``
+#: without its BGR bit, so that the output stays RGB)
+REDUCE_FLAGS = {1: 0, 2: 16, 4: 32, 8: 64}
 
 
 def captures_native() -> bool:
@@ -69,9 +72,9 @@ DECODE_CAP_PIXELS = int(_CAP) if _CAP.isdigit() and int(_CAP) > 0 else 2**30
 BUDGET = _PixelBudget(DECODE_CAP_PIXELS)
 
 
-def _imdecode(buf: np.ndarray, header: Header | None) -> np.ndarray | None:
+def _imdecode(buf: np.ndarray, header: Header | None, reduce: int = 1) -> np.ndarray | None:
     try:
-        img = cv2.imdecode(buf, _DECODE_FLAGS)
+        img = cv2.imdecode(buf, _DECODE_FLAGS | REDUCE_FLAGS[reduce])
         tiff = header is not None and header.format == "TIFF"
         if tiff and img is not None and img.dtype != np.uint8 and img.ndim == 3:
             # OpenCV 5: IMREAD_COLOR_RGB | IMREAD_ANYDEPTH returns stale memory (another
@@ -105,22 +108,24 @@ def without_stray_bytes(data: bytes, header: Header | None) -> bytes:
     return b"".join(parts)
 
 
-def decode_guarded(buf: np.ndarray, header: Header | None) -> np.ndarray | None:
+def decode_guarded(buf: np.ndarray, header: Header | None, reduce: int = 1) -> np.ndarray | None:
     """``imdecode`` with what the codec libraries print kept off the terminal; for a
     JPEG, libjpeg's own damage warning makes the image corrupt (decoded again alone
     when another decode printed at the same time, to know whose the warning was).
     libjpeg prints the first warning only: a JPEG is passed here without the stray
     bytes of its header (:func:`without_stray_bytes`), whose warning would come first;
     one whose first warning is another harmless one (an unknown JFIF revision, a bad
-    ICC chunk, stray bytes between progressive scans) can still hide damage after it."""
+    ICC chunk, stray bytes between progressive scans) can still hide damage after it.
+    ``reduce`` (2, 4, 8; JPEG only): libjpeg scales the image down by that factor while
+    decoding, each side rounded up."""
     with nativelog.window() as cap:
-        img = _imdecode(buf, header)
+        img = _imdecode(buf, header, reduce)
     if img is None or cap is None or header is None or header.format != "JPEG":
         return img
     damage = _JPEG_DAMAGE.search(cap.text)
     if damage is not None and not cap.alone:
         with nativelog.window(alone=True) as cap:
-            img = _imdecode(buf, header)
+            img = _imdecode(buf, header, reduce)
         damage = _JPEG_DAMAGE.search(cap.text) if cap is not None else None
     if damage is not None:
         raise ImageError(f"truncated or corrupt image data (JPEG decoder: {damage.group(0)})")

@@ -15,12 +15,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .images import ImageError, Preprocessor, read_image, silence_opencv_logging
+from .images import ImageError, Preprocessor, read_image_shrunk, silence_opencv_logging
 from .outdir import Record
 from .plan import RunPlan
 from .results import image_id
 
 DISPLAY_MAX = 1024  # longest side of the original kept in memory for sinks
+#: with sinks, a JPEG decoded scaled down keeps its longest side at least this (the
+#: report's thumbnails are 256 px)
+DISPLAY_MIN = 256
 
 
 @dataclass
@@ -78,6 +81,11 @@ class DecodePool:
         # every bad input becomes one record and one line: OpenCV's own warnings about
         # it would be a second (codec libraries' messages are captured by read_image)
         silence_opencv_logging()
+        side = max(self.pre.height, self.pre.width)
+        #: --fast-decode: a JPEG at least twice this is decoded scaled down (libjpeg's
+        #: DCT-domain scaling, :func:`convlens.engine.images.decode_image`) keeping
+        #: (shorter side, longer side) at least these; None: every image at full size
+        self.shrink = (side, DISPLAY_MIN if keep_images else 0) if plan.fast_decode else None
 
     def decode(self, index: int, path: Path, roots: list[Path]) -> Decoded:
         plan = self.plan
@@ -87,7 +95,7 @@ class DecodePool:
             names = plan.spec.class_names
             rec.label_index = names.index(rec.label) if rec.label in names else None
         try:
-            rgb = read_image(path, plan.max_pixels)
+            rgb, (height, width) = read_image_shrunk(path, plan.max_pixels, self.shrink)
             tensor = self.pre(rgb)
         except ImageError as exc:
             rec.fail(str(exc))
@@ -95,7 +103,7 @@ class DecodePool:
         except (MemoryError, ValueError, cv2.error) as exc:  # one input's failure, not the run's
             rec.fail(f"cannot process: {type(exc).__name__}: {exc}")
             return Decoded(index, path, rec)
-        rec.height, rec.width = int(rgb.shape[0]), int(rgb.shape[1])
+        rec.height, rec.width = height, width  # the full image's, however it was decoded
         shown = display_copy(rgb) if self.keep_images else None
         return Decoded(index, path, rec, shown, tensor)
 

@@ -319,6 +319,20 @@ FORMATS: tuple[Format, ...] = (
 _COST = {f.name: f.decode_cost for f in FORMATS}
 
 
+def jpeg_reduction(width: int, height: int, min_short: int, min_long: int = 0) -> int:
+    """The largest of 8, 4, 2 by which libjpeg may scale a ``width`` x ``height`` JPEG
+    down while decoding (each side becomes ``ceil(side / r)``): the shorter side at
+    least ``r * min_short``, the longer one at least ``r * min_long``; 1 when the photo
+    is less than twice that.  The shorter side against the model input's longer one: the scaled
+    photo is then at least the input size whichever way the EXIF orientation turns it,
+    and the resize to the input is still a shrink."""
+    for r in (8, 4, 2):
+        short, long = sorted((width // r, height // r))
+        if short >= min_short and long >= min_long:
+            return r
+    return 1
+
+
 def decode_cost(header: Header) -> int:
     """The memory of decoding ``header``'s image in multiples of an 8-bit RGB image of
     its size: the format's decoder cost times its sample size in bytes."""

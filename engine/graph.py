@@ -3,7 +3,11 @@
 - Per-channel activation statistics (sum, max, number of zeros over positions) are added
   as reductions inside the graph, so onnxruntime computes them with its own kernels on
   the device where the activations live, and the full activation tensors only leave
-  the session for the images a sink asks them for.
+  the session for the images a sink asks them for.  With ``rows=True`` they are taken
+  over the batch rows named by an extra int64 input :data:`STATS_ROWS` only (``Gather``
+  first): a run that samples its statistics (``--stats-every``) pays the reductions for
+  the sampled images alone, and onnxruntime (1.13+) runs no node of an output not
+  asked for, so a batch without a sampled image pays nothing.
 - The graph is pruned to the outputs a session will be asked for: onnxruntime runs
   every node of a graph whatever outputs are requested, so an unused output (say the
   NHWC copy of every activation, or the gradients when no gradient method is chosen)
@@ -20,6 +24,8 @@ import numpy as np
 from . import contract as C
 
 STATS_PREFIX = "stats/"
+#: with_stats(rows=True): the graph input naming the batch rows the statistics cover
+STATS_ROWS = "convlens_stats_rows"
 
 
 def stat_names(layer: str) -> tuple[str, str, str]:
@@ -38,11 +44,14 @@ def _load(source: str | Path | Any) -> Any:
     return model
 
 
-def with_stats(source: str | Path | Any, spec: C.ModelSpec, keep: list[str] | None = None) -> bytes:
+def with_stats(
+    source: str | Path | Any, spec: C.ModelSpec, keep: list[str] | None = None, rows: bool = False
+) -> bytes:
     """The model with ``stats/<layer>/{sum,max,zeros}`` outputs, each (N, k) float32;
-    with ``keep``, pruned to those outputs (stats names included)."""
+    with ``keep``, pruned to those outputs (stats names included); with ``rows``, over
+    the rows :data:`STATS_ROWS` names, (len(rows), k)."""
     model = _load(source)
-    add_stats(model, spec)
+    add_stats(model, spec, rows)
     if keep is not None:
         prune(model, keep)
     return bytes(model.SerializeToString())
@@ -88,9 +97,10 @@ def _nchw_source(producers: dict[str, Any], name: str) -> str | None:
     return str(node.input[0]) if perm == [[0, 2, 3, 1]] else None
 
 
-def add_stats(model: Any, spec: C.ModelSpec) -> None:
+def add_stats(model: Any, spec: C.ModelSpec, rows: bool = False) -> None:
     """Add ``stats/<layer>/{sum,max,zeros}`` outputs: per image and channel (N, k), the
-    sum, the maximum and the number of exact zeros over all positions."""
+    sum, the maximum and the number of exact zeros over all positions; with ``rows``,
+    of the images ``Gather(act, STATS_ROWS, axis=0)`` picks."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -104,6 +114,8 @@ def add_stats(model: Any, spec: C.ModelSpec) -> None:
                 np.array(axes, np.int64), f"convlens_stats_axes{axes[0]}{axes[1]}"
             )
         )
+    if rows:
+        graph.input.append(helper.make_tensor_value_info(STATS_ROWS, TensorProto.INT64, ["m"]))
     for out in spec.activation_outputs:
         assert out.layer is not None
         s_sum, s_max, s_zero = stat_names(out.layer)
@@ -113,7 +125,11 @@ def add_stats(model: Any, spec: C.ModelSpec) -> None:
         src = src or out.name
         axes_name = f"convlens_stats_axes{axes[0]}{axes[1]}"
         eq, cast = s_zero + "/eq", s_zero + "/cast"
-        nodes = [
+        nodes = []
+        if rows:
+            nodes.append(helper.make_node("Gather", [src, STATS_ROWS], [s_sum + "/rows"], axis=0))
+            src = s_sum + "/rows"
+        nodes += [
             helper.make_node("ReduceSum", [src, axes_name], [s_sum], keepdims=0),
             helper.make_node("Equal", [src, zero_name], [eq]),
             helper.make_node("Cast", [eq], [cast], to=TensorProto.FLOAT),

@@ -59,7 +59,15 @@ from .codec import (
 )
 from .contract import InputSpec, Preprocess
 from .discovery import Discovery, discover, file_kind, is_image_name
-from .formats import DEFAULT_MAX_PIXELS, FORMATS, IMAGE_EXTENSIONS, Header, decode_cost, sniff
+from .formats import (
+    DEFAULT_MAX_PIXELS,
+    FORMATS,
+    IMAGE_EXTENSIONS,
+    Header,
+    decode_cost,
+    jpeg_reduction,
+    sniff,
+)
 
 # discovery and formats live in their own modules; their names are re-exported here
 __all__ = [
@@ -75,7 +83,9 @@ __all__ = [
     "is_image_name",
     "preprocess",
     "preprocess_into",
+    "jpeg_reduction",
     "read_image",
+    "read_image_shrunk",
     "sniff",
 ]
 
@@ -177,15 +187,33 @@ def _check_header(data: bytes, header: Header | None, max_pixels: int) -> int:
     return w * h * cost if w is not None and h is not None else DECODE_CAP_PIXELS
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an encoded image held in memory; see :func:`read_image`."""
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, shrink: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Decode an encoded image held in memory; see :func:`read_image`.
+
+    ``shrink=(min_short, min_long)``: a JPEG at least twice that is decoded scaled down
+    in the DCT domain by :func:`jpeg_reduction`'s factor (libjpeg-turbo's
+    ``IMREAD_REDUCED_*``: less to decode, and less to resize afterwards); other formats
+    and smaller JPEGs are decoded at full size."""
+    return _decode(data, max_pixels, shrink)[0]
+
+
+def _decode(
+    data: bytes, max_pixels: int, shrink: tuple[int, int] | None
+) -> tuple[np.ndarray, int, Header | None]:
+    """The image, the factor it was decoded down by, and the header."""
     if not data:
         raise ImageError("empty file (0 bytes)")
     header = sniff(data)
     pixels = _check_header(data, header, max_pixels)
     buf = np.frombuffer(without_stray_bytes(data, header), np.uint8)
+    reduce = 1
+    w, h = (header.width, header.height) if header is not None else (None, None)
+    if shrink is not None and header is not None and header.format == "JPEG" and w and h:
+        reduce = jpeg_reduction(w, h, *shrink)
     with BUDGET.hold(pixels):  # up to the 8-bit RGB result: the conversions count too
-        img = decode_guarded(buf, header)
+        img = decode_guarded(buf, header, reduce)
         if img is None:
             if header is None:
                 raise ImageError("not an image (unrecognised format)")
@@ -197,7 +225,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
         elif img.shape[2] == 4:
             img = img[:, :, :3]
-        return np.ascontiguousarray(_to_uint8(img))
+        return np.ascontiguousarray(_to_uint8(img)), reduce, header
 
 
 def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -232,6 +260,22 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
        ``round(clip(x, 0, 1) * 255)``.
     """
     return decode_image(_read_bytes(Path(path), max_pixels), max_pixels)
+
+
+def read_image_shrunk(
+    path: str | os.PathLike[str], max_pixels: int, shrink: tuple[int, int] | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`read_image`, a large JPEG scaled down while decoding (see
+    :func:`decode_image`'s ``shrink``), and the (height, width) of the full image,
+    EXIF-oriented, as :func:`read_image` would return it."""
+    img, r, header = _decode(_read_bytes(Path(path), max_pixels), max_pixels, shrink)
+    h, w = img.shape[:2]
+    if r == 1 or header is None or header.width is None or header.height is None:
+        return img, (h, w)
+    fw, fh = header.width, header.height
+    if (h, w) != (-(-fh // r), -(-fw // r)):  # turned by the EXIF orientation
+        fw, fh = fh, fw
+    return img, (fh, fw)
 
 
 def silence_opencv_logging() -> None:

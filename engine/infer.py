@@ -19,14 +19,14 @@ import numpy as np
 from . import contract as C
 from .cams import METHODS, normalize, upsample
 from .decode import Decoded
-from .graph import pruned, stat_names, with_stats
+from .graph import STATS_PREFIX, STATS_ROWS, pruned, stat_names, with_stats
 from .metrics import compute_all
 from .outdir import CURVE_POINTS, Prediction
 from .plan import RunError, RunPlan
 from .results import atomic_save_npz
 from .runtime import DeviceError, Session, open_session
 from .sinks import ImageOutcome, ResultSink
-from .stats import ClassCAMs, RunStats
+from .stats import ClassCAMs, RunStats, in_stats_sample
 
 
 def main_outputs(plan: RunPlan) -> list[str]:
@@ -57,7 +57,7 @@ class Inference:
         self.names = main_outputs(plan)
         try:
             self.proto = onnx.load(str(plan.model_path))  # loaded once, pruned per session
-            model = with_stats(self.proto, plan.spec, keep=self.names)
+            model = with_stats(self.proto, plan.spec, keep=self.names, rows=plan.stats_every > 1)
             self.session = open_session(model, plan.device, plan.threads, plan.runtime)
         except (DeviceError, DecodeError, OSError) as exc:
             raise RunError(str(exc).splitlines()[0]) from exc
@@ -112,7 +112,8 @@ class Inference:
         feeds: dict[str, np.ndarray] = {C.IN_IMAGE: x}
         if self.takes_targets:
             feeds[C.IN_TARGETS] = targets
-        out = dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
+        names = self._stats_feed(good, feeds)
+        out = dict(zip(names, self.session.run(names, feeds), strict=True))
         probs = self._probabilities(out[C.OUT_PREDICTIONS])
         order = np.argsort(-probs, axis=1, kind="stable")
         if C.OUT_TARGET_INDICES in out:
@@ -129,7 +130,7 @@ class Inference:
                 grads=out.get(C.OUT_GRADIENTS),
                 classes=classes,
             )
-        for _, layer, shape in self._layers:
+        for _, layer, shape in self._layers if names is self.names else ():
             s_sum, s_max, s_zero = (out[n] for n in stat_names(layer))
             stats.update_reduced(layer, shape, s_sum, s_max, s_zero)  # type: ignore[arg-type]
         if plan.methods:
@@ -138,6 +139,18 @@ class Inference:
         self._attach_metrics(x, probs, classes, maps, results)
         self._attach_activations(x, results)
         return results
+
+    def _stats_feed(self, good: list[Decoded], feeds: dict[str, np.ndarray]) -> list[str]:
+        """The outputs to ask for: all of them, but with --stats-every K the statistics
+        only for a batch holding sampled images, whose rows go in ``feeds``."""
+        every = self.plan.stats_every
+        if every <= 1:
+            return self.names
+        rows = [i for i, d in enumerate(good) if in_stats_sample(d.record.id, every)]
+        feeds[STATS_ROWS] = np.asarray(rows or [0], np.int64)
+        if rows:
+            return self.names
+        return [n for n in self.names if not n.startswith(STATS_PREFIX)]
 
     def _probabilities(self, raw: np.ndarray) -> np.ndarray:
         if self.plan.spec.head.activation == "linear" and raw.shape[1] > 1:

@@ -68,6 +68,24 @@ class RunOptions:
             min=1,
         ),
     )
+    stats_every: int = field(
+        default=1,
+        metadata=_doc(
+            "Activation statistics over one image in K, picked by a hash of its id (the "
+            "same images on every run and resume); 1: every image. Cuts their cost "
+            "about K times; means and zero fractions become estimates, maxima and dead "
+            "channels a lower bound (README: Speed).",
+            min=1,
+        ),
+    )
+    fast_decode: bool = field(
+        default=False,
+        metadata=_doc(
+            "Decode a JPEG at least twice the model input scaled down by 2, 4 or 8 "
+            "inside libjpeg (DCT domain): faster decoding, model inputs within a few "
+            "grey levels of a full decode (README: Speed)."
+        ),
+    )
     cam_methods: list[str] | None = field(
         default=None,
         metadata=_doc(
@@ -167,6 +185,8 @@ class RunPlan:
     force: bool
     metrics: tuple[str, ...] = ()  # faithfulness metrics (engine.metrics), in registry order
     metrics_sample: int | None = None  # None: every image
+    stats_every: int = 1  # statistics over one image in K (engine.stats.in_stats_sample)
+    fast_decode: bool = False  # large JPEGs decoded scaled down (engine.decode)
 
     @classmethod
     def build(cls, model_path: str | Path, options: RunOptions | None = None) -> RunPlan:
@@ -185,6 +205,8 @@ class RunPlan:
             raise RunError("--metrics-sample needs --metrics")
         if o.metrics_sample is not None and o.metrics_sample < 1:
             raise RunError("--metrics-sample must be at least 1")
+        if o.stats_every < 1:
+            raise RunError("--stats-every must be at least 1")
         methods = _methods(spec, o.cam_methods)
         if metrics and not methods:
             raise RunError("--metrics scores CAM maps: this run computes none")
@@ -205,6 +227,8 @@ class RunPlan:
             force=o.force,
             metrics=metrics,
             metrics_sample=o.metrics_sample,
+            stats_every=o.stats_every,
+            fast_decode=o.fast_decode,
         )
 
     @property
@@ -227,6 +251,8 @@ class RunPlan:
             "labels_from_dirs": self.labels_from_dirs,
             "save_maps": self.save_maps,
             # only when asked: runs without --metrics keep their earlier fingerprint
+            **({"stats_every": self.stats_every} if self.stats_every > 1 else {}),
+            **({"fast_decode": True} if self.fast_decode else {}),
             **(
                 {"metrics": list(self.metrics), "metrics_sample": self.metrics_sample}
                 if self.metrics
@@ -247,6 +273,8 @@ class RunPlan:
             "save_maps": self.save_maps,
             "max_pixels": self.max_pixels,
             "force": self.force,  # sinks start their own files over too
+            **({"stats_every": self.stats_every} if self.stats_every > 1 else {}),
+            **({"fast_decode": True} if self.fast_decode else {}),
             **(
                 {"metrics": list(self.metrics), "metrics_sample": self.metrics_sample}
                 if self.metrics

@@ -13,10 +13,17 @@ and reports ``mean = sum / P``, ``zero_fraction = zeros / P`` and
 merge exactly: sums and counts add, maxima take the maximum, so statistics computed per
 batch or per shard and merged equal those of the whole run (up to float64 summation
 order).
+
+Sampling (``--stats-every K``): the statistics cover the images whose id hashes to 0
+modulo K (:func:`in_stats_sample`: about one image in K, the same images whatever the
+order, batches or resumes), so ``count`` is the number of images sampled; ``mean`` and
+``zero_fraction`` are then estimates over that sample and ``max`` (so ``dead``) a
+lower bound of the whole run's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,6 +34,15 @@ from typing import Any
 import numpy as np
 
 from .results import atomic_save_npz
+
+
+def in_stats_sample(image_id: str, every: int) -> bool:
+    """Whether ``--stats-every every`` counts this image:
+    ``int(sha1("stats:" + id)[:8], 16) % every == 0`` (every image when ``every`` is 1)."""
+    if every <= 1:
+        return True
+    digest = hashlib.sha1(f"stats:{image_id}".encode()).hexdigest()
+    return int(digest[:8], 16) % every == 0
 
 
 def _sig6(values: np.ndarray) -> list[float | None]:

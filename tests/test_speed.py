@@ -1,0 +1,177 @@
+"""The pipeline's speed levers keep results right: sampled statistics against numpy over
+exactly the sampled images, DCT-domain JPEG scaling against a full decode, the report's
+background writer (errors raised, queue bounded) and the capped grid sample."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from convlens.engine import contract as C
+from convlens.engine.images import Preprocessor, jpeg_reduction, read_image, read_image_shrunk
+from convlens.engine.outdir import Prediction, Record
+from convlens.engine.results import image_id
+from convlens.engine.run import RunOptions, run
+from convlens.engine.stats import in_stats_sample
+from convlens.reports.background import Background
+from convlens.reports.gridpolicy import GridPolicy
+
+
+# ---- statistics over a sample ----------------------------------------------------------
+def _numpy_stats(model: Path, paths: list[Path]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    spec = C.read_spec(model)
+    pre = Preprocessor(spec.input, spec.preprocess)
+    x = np.stack([pre(read_image(p)) for p in paths])
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in spec.activation_outputs]
+    got = sess.run(names, {C.IN_IMAGE: x, C.IN_TARGETS: np.full((len(x), 1), -1)})
+    pairs = zip(spec.activation_outputs, got, strict=True)
+    return {o.layer or "": a.astype(np.float64) for o, a in pairs}
+
+
+def test_stats_every_is_numpy_over_the_sampled_images(
+    demo_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--stats-every 3: stats.json is exactly numpy's statistics over the images whose id
+    hashes into the sample, and a run resumed from half the inputs gives the same."""
+    model, photos = demo_model
+    paths = sorted(photos.rglob("*.jpg"))
+    sampled = [p for p in paths if in_stats_sample(image_id(p), 3)]
+    assert 0 < len(sampled) < len(paths)
+    opts = RunOptions(device="cpu", batch_size=4, stats_every=3)
+    out = tmp_path / "o"
+    run(model, [str(photos)], out, opts, progress=False)
+    stats = json.loads((out / "stats.json").read_text())
+    for layer, a in _numpy_stats(model, sampled).items():
+        s = stats[layer]
+        assert s["count"] == len(sampled)
+        np.testing.assert_allclose(s["mean"], a.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(s["max"], a.max(axis=(0, 1, 2)), rtol=1e-5)
+        np.testing.assert_allclose(s["zero_fraction"], (a == 0).mean(axis=(0, 1, 2)), atol=1e-6)
+    resumed = tmp_path / "r"
+    half = [str(p) for p in paths[: len(paths) // 2]]
+    run(model, half, resumed, opts, progress=False)
+    run(model, [str(p) for p in paths], resumed, opts, progress=False)
+    assert json.loads((resumed / "stats.json").read_text()) == stats
+    with pytest.raises(Exception, match="stats-every"):
+        run(model, [str(photos)], tmp_path / "x", RunOptions(stats_every=0), progress=False)
+
+
+# ---- DCT-domain JPEG scaling -------------------------------------------------------------
+def _photo(tmp: Path, w: int, h: int, orientation: int | None = None) -> Path:
+    """A real photograph (scikit-image's astronaut) as a JPEG of w x h, optionally with
+    an EXIF orientation."""
+    from PIL import Image
+    from skimage import data
+
+    img = Image.fromarray(cv2.resize(data.astronaut(), (w, h), interpolation=cv2.INTER_AREA))
+    path = tmp / f"photo_{w}x{h}_{orientation}.jpg"
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    img.save(path, "JPEG", quality=90, exif=exif.tobytes())
+    return path
+
+
+def test_jpeg_reduction_keeps_the_input_size() -> None:
+    assert jpeg_reduction(640, 480, 150) == 2  # 320 x 240; by 4: 160 x 120 < 150
+    assert jpeg_reduction(640, 480, 100) == 4
+    assert jpeg_reduction(4000, 3000, 224) == 8
+    assert jpeg_reduction(299, 299, 150) == 1  # less than twice
+    assert jpeg_reduction(640, 480, 150, 400) == 1  # the longer side must stay >= 400
+    assert jpeg_reduction(480, 640, 120, 160) == 4
+    assert jpeg_reduction(639, 479, 120) == 2  # 479 < 4 x 120
+
+
+def test_shrunk_decode_against_full_decode(tmp_path: Path) -> None:
+    """The model input from a JPEG decoded at half size stays within a few grey levels of
+    the full decode's; the size reported is the full image's, EXIF orientation
+    included; a small JPEG and a PNG are decoded at full size."""
+    pre = Preprocessor(
+        C.InputSpec("image", 150, 150, 3, "NHWC", "rgb", "float32"), C.Preprocess(scale=1.0)
+    )
+    path = _photo(tmp_path, 640, 480)
+    full = read_image(path)
+    small, size = read_image_shrunk(path, 0, (150, 0))
+    assert small.shape == (240, 320, 3) and size == (480, 640)
+    diff = np.abs(pre(small) - pre(full))
+    assert diff.mean() < 1.5 and diff.max() < 40, (diff.mean(), diff.max())
+    rotated = _photo(tmp_path, 640, 480, orientation=6)
+    img, size = read_image_shrunk(rotated, 0, (150, 0))
+    assert img.shape == (320, 240, 3) and size == read_image(rotated).shape[:2] == (640, 480)
+    same, size = read_image_shrunk(_photo(tmp_path, 280, 280), 0, (150, 0))
+    assert same.shape == (280, 280, 3) and size == (280, 280)
+    png = tmp_path / "p.png"
+    cv2.imwrite(str(png), cv2.cvtColor(full, cv2.COLOR_RGB2BGR))
+    img, size = read_image_shrunk(png, 0, (150, 0))
+    assert img.shape == (480, 640, 3) and np.array_equal(img, full)
+
+
+# ---- the report's background writer ------------------------------------------------------
+def test_background_collects_in_order_bounded_and_raises() -> None:
+    got: list[int] = []
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def job(i: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.002)
+        with lock:
+            running -= 1
+        return i
+
+    work: Background[int] = Background(2, 3, got.append)
+    for i in range(20):
+        work.submit(job, i)
+        assert len(work) <= 3
+    work.drain()
+    assert got == list(range(20)) and most <= 2
+
+    def bad(i: int) -> int:
+        if i == 2:
+            raise OSError("disk full")
+        return i
+
+    got.clear()
+    work = Background(1, 8, got.append)
+    for i in range(5):
+        work.submit(bad, i)
+    with pytest.raises(OSError, match="disk full"):
+        work.drain()
+    inline: Background[int] = Background(0, 1, got.append)
+    with pytest.raises(OSError, match="disk full"):
+        inline.submit(bad, 2)
+
+
+# ---- capped grid sample -------------------------------------------------------------------
+def _rec(i: str, prob: float) -> Record:
+    return Record(i, i, i, predictions=[Prediction(0, "a", prob)])
+
+
+def test_grid_sample_is_capped() -> None:
+    """The first 2 images, and of the unsure ones (top-1 below 0.5) only the first 3:
+    at most 5 images get grids however many are unsure."""
+    order = [f"i{n:02d}" for n in range(20)]
+    policy = GridPolicy("sample", 2, grid_notable=3)
+    policy.expect(order, {})
+    got = [i for i in order if policy.decide(_rec(i, 0.2 if i >= "i01" else 0.9))]
+    assert got == ["i00", "i01", "i02", "i03"]
+    # a resume: i00..i09 done, all unsure but i00; i01..i03 are certain, i04.. not
+    done = {i: _rec(i, 0.9 if i == "i00" else 0.2) for i in order[:10]}
+    policy = GridPolicy("sample", 2, grid_notable=3)
+    assert policy.certain(order, done) == {"i00", "i01", "i02", "i03"}
+    # with i00 still to run, it may be unsure too: only i01 and i02 are certain
+    del done["i00"]
+    assert policy.certain(order, done) == {"i01", "i02"}
