@@ -182,7 +182,7 @@ class Faithfulness:
 
 
 def run_faithfulness(
-    summary: Mapping[str, Any], settings: Mapping[str, Any], *, curves: bool
+    summary: Mapping[str, Any], settings: Mapping[str, Any]
 ) -> Faithfulness | None:
     """From run.json: ``summary.metrics`` (per method ``n``, means, mean ``curves``);
     None when the run scored nothing (no ``--metrics``)."""
@@ -192,10 +192,8 @@ def run_faithfulness(
     table = method_table(doc, counts=True)
     if table is None:
         return None
-    drawn = []
-    if curves:
-        mean_curves = {m: v.get("curves") for m, v in doc.items() if isinstance(v, Mapping)}
-        drawn = curve_charts({m: c for m, c in mean_curves.items() if isinstance(c, Mapping)}, doc)
+    mean_curves = {m: v.get("curves") for m, v in doc.items() if isinstance(v, Mapping)}
+    drawn = curve_charts({m: c for m, c in mean_curves.items() if isinstance(c, Mapping)}, doc)
     asked = {k: settings[k] for k in ("metrics", "metrics_sample") if k in settings}
     return Faithfulness(table, drawn, asked)
 

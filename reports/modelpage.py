@@ -230,7 +230,7 @@ def model_page(run: RunInfo, layers: list[LayerStats], class_cams: list[ClassCam
         dead_chart=dead_channels(layers),
         class_cams=class_cams,
         run_sections=run_sections,
-        faithfulness=run_faithfulness(run.summary, run.settings, curves=True),
+        faithfulness=run_faithfulness(run.summary, run.settings),
     )
 
 

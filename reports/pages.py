@@ -50,7 +50,7 @@ class IndexPage:
     confidence: Histogram | None = None
     accuracy: HBarChart | None = None
     facts: list[tuple[str, str]] = field(default_factory=list)
-    faithfulness: Faithfulness | None = None  # --metrics: the method table
+    faithfulness: Faithfulness | None = None  # --metrics: the method table (curves: model page)
 
 
 def class_names(run: RunInfo, results: Results) -> list[str]:
@@ -90,7 +90,7 @@ def index_pages(ctx: ReportContext) -> Iterator[Rendered]:
         confidence=confidence_histogram(ctx.results.entries),
         accuracy=class_accuracy(ctx.results.entries, ctx.names),
         facts=facts,
-        faithfulness=run_faithfulness(ctx.run.summary, ctx.run.settings, curves=False),
+        faithfulness=run_faithfulness(ctx.run.summary, ctx.run.settings),
     )
     yield Rendered("index.html", "", ctx.title, page)
 

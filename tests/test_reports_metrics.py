@@ -222,3 +222,20 @@ def test_hostile_method_name_and_odd_values(tmp_path: Path) -> None:
     assert list(table)[-1] == "<img src=x onerror=alert(1)>"
     assert odd["insertion"]["text"] == "—" and odd["insertion"]["value"] == ""
     assert "best" in odd["deletion"]["class"]  # 0.01 is the lowest deletion AUC
+
+
+def test_only_the_asked_metrics_are_columns() -> None:
+    """--metrics deletion: one score column; no curve chart without curves; one method
+    alone is not marked best; the registry's direction decides (lower deletion wins)."""
+    from convlens.reports.faithfulness import method_table, run_faithfulness
+
+    one = method_table({"gradcam": {"n": 3, "deletion": 0.2}}, counts=True)
+    assert one is not None and [c.key for c in one.columns] == ["deletion"]
+    assert not one.rows[0].cells[0].best and one.rows[0].n == 3
+    two = method_table({"gradcam": {"deletion": 0.2}, "cam": {"deletion": 0.1}}, counts=False)
+    assert two is not None and [r.method for r in two.rows] == ["cam", "gradcam"]
+    assert [r.cells[0].best for r in two.rows] == [True, False] and two.rows[0].n is None
+    f = run_faithfulness({"metrics": {"cam": {"n": 1, "avg_drop": 0.5, "curves": {}}}}, {})
+    assert f is not None and f.curves == [] and [c.key for c in f.table.columns] == ["avg_drop"]
+    assert f.references == [(METRICS["avgdrop"].label, METRICS["avgdrop"].reference)]
+    assert run_faithfulness({}, {}) is None and run_faithfulness({"metrics": {}}, {}) is None
