@@ -315,5 +315,9 @@ def run(
     draws its bar from them); ``None`` or ``False``: no events.
     """
     callback = progress if callable(progress) else None
+    if options is not None and options.ray is not None:  # on a Ray cluster (the [ray] extra)
+        from .distributed import run_ray
+
+        return run_ray(model_path, inputs, outdir, options, sinks, callback, warn)
     runner = Runner(model_path, outdir, options, sinks, warn=warn, progress=callback)
     return runner.run(inputs)

@@ -301,6 +301,33 @@ class ReportAssetSink:
         if self._root is not None:
             self._write_manifest(final=True)
 
+    # -- on Ray (convlens.engine.distributed) ------------------------------------
+    def for_worker(self, assets_only: bool) -> ReportAssetSink:
+        """The copy a remote worker writes with (call after :meth:`expect`).  A worker
+        sees part of the run, so with "sample" its copy gives grids only to the images
+        among the first ``grid_sample`` places of the order (each is among the first
+        ok images when it is ok).  The rest of the sample (beyond failed inputs) and
+        the notable images (capped by their place among the notable ones) need the
+        whole run: the driver's sink names them as ``missing`` at the end, and a
+        worker makes them with the ``assets_only`` copy, which gives grids to every
+        image it gets."""
+        grids = "all" if assets_only and self.grids != "none" else self.grids
+        copy = ReportAssetSink(grids, self.grid_sample, self.thumb_size, grid_notable=0)
+        if grids == "sample":  # the first places of the order: as if every one were ok
+            head = self.policy.head()
+            copy.policy.expect(head, head)
+        return copy
+
+    def flush(self) -> None:
+        """Return once the files of every outcome handed so far are written (a worker
+        writes its unit only then)."""
+        self._work.drain()
+
+    def attach(self, outdir: Path) -> None:
+        """Write into ``outdir``'s assets, which another process ``open``-ed (no
+        cleaning: other workers write there at the same time)."""
+        self._root = Path(outdir) / ASSETS_DIR
+
     # -- policy -------------------------------------------------------------------
     def wants_activations(self, record: Record) -> bool:
         """The engine asks before ``on_batch``, once per ok record: the decision is

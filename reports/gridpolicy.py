@@ -106,6 +106,12 @@ class GridPolicy:
             return first
         return _among_first(self._first_notable, self.grid_notable, pos) or first
 
+    def head(self) -> list[str]:
+        """The ids of the first ``grid_sample`` places of the order given to
+        :meth:`expect`: each gets grids when it is ok, whatever the others turn out
+        to be (what a worker that sees only part of the run can decide alone)."""
+        return [i for i, p in self._position.items() if p < self.grid_sample]
+
     def certain(self, order: Sequence[str], done: Mapping[str, Record]) -> set[str]:
         """The done records that get grids whatever the inputs still to run turn out
         to be (an input not done yet may fail, and then it takes no place among the
