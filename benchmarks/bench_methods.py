@@ -4,16 +4,13 @@ Keras methods, so the onnxruntime and convlens rows are measured without it in m
 Rows (see bench.py): ``notebook`` (1), ``keras`` (2), ``ort_plain`` (3, rate I),
 ``ort_analysis`` (3a), ``decode`` (D), ``convlens`` (4), ``convlens_noreport`` (4').
 
-And the cost of each CAM method (:func:`cam_costs`, every method in the registry that the
-model serves), run as a script::
+And, run as a script, the CAM methods (bench_cams.py: what each measures)::
 
     python benchmarks/bench_methods.py cams [--models small,vgg] [--images 64] [--repeats 3]
+    python benchmarks/bench_methods.py peers [--models small] [--images 16] [--repeats 2]
 
-prints a Markdown table of milliseconds per image (median over repeats) per method and
-model: ``METHODS[m].compute`` on the exported tensors (the CAM tensor, the gradients of the
-top-3 classes, the CAM weights) of photos run through the analysis ONNX once beforehand, in
-batches of 32 as the engine does; the onnxruntime call that makes those tensors is timed
-alongside for scale.
+``cams``: milliseconds per image of every CAM method the model serves; ``peers``: img/s
+of Score-CAM and Ablation-CAM against pytorch-grad-cam's, same architecture and images.
 """
 
 from __future__ import annotations
@@ -339,122 +336,63 @@ def _mb(folder: Path) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# the cost of each CAM method (``python benchmarks/bench_methods.py cams``)
+# the CAM methods (bench_cams.py, bench_peers.py)
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class CamCosts:
-    model: str
-    images: int
-    cam_shape: tuple[int, ...]  # (h, w, k)
-    targets: int  # T, gradients per image
-    ms: dict[str, float]  # method -> ms per image (median); "onnxruntime" for the graph
-    unavailable: dict[str, str]  # method -> why the model does not serve it
-
-
-def cam_costs(analysis_onnx: Path, x: np.ndarray, repeats: int, top_k: int = 3) -> CamCosts:
-    """Milliseconds per image of every registered CAM method the model serves, on the
-    tensors the analysis ONNX gives for ``x`` (preprocessed), in batches of ``BATCH``."""
-    from convlens.engine import contract as C
-    from convlens.engine.cams import METHODS, availability
-    from convlens.engine.runtime import open_session
-
-    spec = C.read_spec(analysis_onnx)
-    sess = open_session(analysis_onnx, "cpu").session
-    k = min(top_k, spec.num_classes)
-    names = [spec.cam_output, C.OUT_GRADIENTS, C.OUT_TARGET_INDICES]
-    if spec.head.cam_available:
-        names.append(C.OUT_CAM_WEIGHTS)
-    batches = []
-    for i in range(0, len(x), BATCH):
-        xb = x[i : i + BATCH]
-        feeds = {C.IN_IMAGE: xb, C.IN_TARGETS: np.tile(-(np.arange(k) + 1), (len(xb), 1))}
-        batches.append((feeds, dict(zip(names, sess.run(names, feeds), strict=True))))
-
-    def graph() -> int:
-        for feeds, _ in batches:
-            sess.run(names, feeds)
-        return len(x)
-
-    why = availability(spec)
-    served = [m for m, reason in why.items() if reason is None]
-    ms: dict[str, float] = {}
-    for name in served:
-        method = METHODS[name]
-
-        def go(method: Any = method) -> int:
-            for _, out in batches:
-                method.compute(
-                    out[spec.cam_output],
-                    weights=out.get(C.OUT_CAM_WEIGHTS),
-                    grads=out[C.OUT_GRADIENTS],
-                    classes=out[C.OUT_TARGET_INDICES],
-                )
-            return len(x)
-
-        go()  # warm-up, not timed
-        n, secs = repeat(go, repeats)
-        ms[name] = 1000 * statistics.median(secs) / n
-    n, secs = repeat(graph, repeats)
-    ms["onnxruntime"] = 1000 * statistics.median(secs) / n
-    shape = tuple(int(d) for d in batches[0][1][spec.cam_output].shape[1:])
-    unavailable = {m: str(reason) for m, reason in why.items() if reason is not None}
-    return CamCosts(analysis_onnx.stem, len(x), shape, k, ms, unavailable)
-
-
-def cam_table(results: Sequence[CamCosts]) -> str:
-    """The Markdown table of :func:`cam_costs` results, one column per model."""
-    from convlens.engine.cams import METHODS
-
-    def head(r: CamCosts) -> str:
-        h, w, k = r.cam_shape
-        return f"`{r.model}` {h}x{w}x{k}, T={r.targets} (ms/img)"
-
-    lines = [
-        "| method | `--cam` | default | " + " | ".join(head(r) for r in results) + " |",
-        "|---|---|---|" + "---:|" * len(results),
-    ]
-    for name, m in METHODS.items():
-        cells = [f"{r.ms[name]:.3f}" if name in r.ms else "n/a" for r in results]
-        default = "yes" if m.default else "opt-in"
-        lines.append(f"| {m.label} | `{name}` | {default} | " + " | ".join(cells) + " |")
-    graph = " | ".join(f"{r.ms['onnxruntime']:.2f}" for r in results)
-    lines.append(f"| *onnxruntime: the analysis graph, for scale* | | | {graph} |")
-    return "\n".join(lines)
-
-
-def _main_cams(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     import argparse
     import platform
 
     import bench_data as data
 
-    p = argparse.ArgumentParser(description="ms per image of every CAM method")
-    p.add_argument("what", choices=["cams"])
-    p.add_argument("--models", default="small,vgg", help="comma-separated: small, vgg")
-    p.add_argument("--images", type=int, default=64, help="photos per model (default 64)")
-    p.add_argument("--repeats", type=int, default=3, help="median over repeats (default 3)")
+    p = argparse.ArgumentParser(
+        description="cams: ms per image of every CAM method; peers: Score-CAM and "
+        "Ablation-CAM img/s against pytorch-grad-cam's"
+    )
+    p.add_argument("what", choices=["cams", "peers"])
+    p.add_argument("--models", default=None, help="comma-separated: small, vgg")
+    p.add_argument("--images", type=int, default=None, help="photos per model")
+    p.add_argument("--repeats", type=int, default=None, help="median over repeats")
+    p.add_argument(
+        "--slow-images", type=int, default=4, help="cams: photos the whole-model methods run on"
+    )
     args = p.parse_args(argv)
-    results = []
-    for model in args.models.split(","):
+    cams = args.what == "cams"
+    models = (args.models or ("small,vgg" if cams else "small")).split(",")
+    images = args.images or (64 if cams else 16)
+    repeats = args.repeats or (3 if cams else 2)
+
+    def load(model: str, n: int) -> np.ndarray:
         data.ensure_model(model)
-        files = data.set_files(data.image_set(args.images, args.images))
-        x = preloaded(data.model_files(model).analysis, files)
-        results.append(cam_costs(data.model_files(model).analysis, x, args.repeats))
-    print(cam_table(results))
+        return preloaded(data.model_files(model).analysis, data.set_files(data.image_set(n, n)))
+
+    if cams:
+        from bench_cams import cam_costs, cam_table
+
+        results = [
+            cam_costs(data.model_files(m).analysis, load(m, images), repeats, args.slow_images)
+            for m in models
+        ]
+        print(cam_table(results))
+    else:
+        from bench_peers import main_peers
+
+        print(main_peers(models, images, repeats, load))
     print(
-        f"\n{args.images} photos per model, batches of {BATCH}, median of {args.repeats} "
-        f"repeats; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"\n{images} photos per model, batches of {BATCH}, median of {repeats} repeats"
+        + (f" (whole-model methods: the first {args.slow_images} photos, once)" if cams else "")
+        + f"; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"numpy {np.__version__}"
     )
-    for r in results:
-        for m, why in r.unavailable.items():
-            print(f"{r.model}: {m} n/a: {why}")
+    if cams:
+        for r in results:
+            for m, why in r.unavailable.items():
+                print(f"{r.model}: {m} n/a: {why}")
     return 0
 
 
 if __name__ == "__main__":
     import sys
 
-    sys.exit(_main_cams())
+    sys.exit(_main())

@@ -6,7 +6,10 @@ predictions, the CAM tensor, gradients, target indices and the per-channel stati
 (reductions added to the graph); a second one, opened on first use, only the
 activations, for the images a sink wants them for; a third (--metrics), only the
 predictions, for the perturbed copies of the batch's images that the faithfulness
-metrics (:mod:`convlens.engine.metrics`) build in memory.
+metrics (:mod:`convlens.engine.metrics`) build in memory.  The perturbation CAM methods
+open their own, on first use: the network after the CAM tensor cut out of the graph
+(:mod:`convlens.engine.tail`: Ablation-CAM, Recipro-CAM) and the class scores alone
+(Score-CAM); each batch's methods get one :class:`~convlens.engine.cams.CAMInputs`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as C
-from .cams import METHODS, normalize, upsample
+from .cams import METHODS, CAMInputs, normalize, upsample
 from .decode import Decoded
 from .graph import STATS_PREFIX, STATS_ROWS, pruned, stat_names, with_stats
 from .metrics import compute_all
@@ -27,6 +30,7 @@ from .results import atomic_save_npz
 from .runtime import DeviceError, Session, open_session
 from .sinks import ImageOutcome, ResultSink
 from .stats import ClassCAMs, RunStats, in_stats_sample
+from .tail import TAIL_OUTPUTS, TailError, TailGraph, cut_tail
 
 
 def main_outputs(plan: RunPlan) -> list[str]:
@@ -67,6 +71,9 @@ class Inference:
         self.constants = self._fetch_constants()
         self._acts_session: Session | None = None
         self._predict_session: Session | None = None
+        self._tail = self._cut_tail()  # None unless a method re-runs the tail
+        self._tail_session: Session | None = None
+        self._scores_session: Session | None = None
         #: ids of the images --metrics scores; None: every image (set by the runner)
         self.metric_ids: set[str] | None = None
         self._layers = [
@@ -122,14 +129,16 @@ class Inference:
             classes = targets.copy()
             classes[:, : plan.top_k] = order[:, : plan.top_k]
         acts = out[spec.cam_output] if spec.cam_output else None
-        maps: dict[str, np.ndarray] = {}
-        for m in plan.methods:
-            maps[m] = METHODS[m].compute(
-                acts,  # type: ignore[arg-type]
-                weights=self.constants.get("weights"),
-                grads=out.get(C.OUT_GRADIENTS),
-                classes=classes,
-            )
+        inputs = CAMInputs(
+            acts=acts,  # type: ignore[arg-type]
+            classes=classes,
+            weights=self.constants.get("weights"),
+            grads=out.get(C.OUT_GRADIENTS),
+            x=x,
+            tail=self.tail if self._tail is not None else None,
+            scores=self.class_scores,
+        )
+        maps = {m: METHODS[m].maps(inputs) for m in plan.methods}
         for _, layer, shape in self._layers if names is self.names else ():
             s_sum, s_max, s_zero = (out[n] for n in stat_names(layer))
             stats.update_reduced(layer, shape, s_sum, s_max, s_zero)  # type: ignore[arg-type]
@@ -168,6 +177,36 @@ class Inference:
         feeds = {C.IN_IMAGE: np.ascontiguousarray(batch, np.float32)}
         raw = self._predict_session.run([C.OUT_PREDICTIONS], feeds)[0]
         return self._probabilities(raw)
+
+    def _cut_tail(self) -> TailGraph | None:
+        """The network after the CAM tensor, cut out of the graph when a chosen method
+        re-runs it (:mod:`convlens.engine.tail`); a RunError says why it cannot be."""
+        needs = [m for m in self.plan.methods if METHODS[m].needs_tail]
+        if not needs:
+            return None
+        try:
+            return cut_tail(self.proto, self.plan.spec)
+        except TailError as exc:
+            raise RunError(
+                f"CAM method {', '.join(needs)} is not available for this model ({exc})"
+            ) from exc
+
+    def tail(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class scores and probabilities of feature maps ``(B, h, w, k)`` put in place of
+        the CAM tensor, through the tail's own session (opened on first use)."""
+        assert self._tail is not None
+        if self._tail_session is None:
+            self._tail_session = self._open(self._tail.model)
+        scores, raw = self._tail_session.run(list(TAIL_OUTPUTS), self._tail.feeds(feats))
+        return scores, self._probabilities(raw)
+
+    def class_scores(self, batch: np.ndarray) -> np.ndarray:
+        """Class scores before softmax/sigmoid of a batch of model inputs (Score-CAM's
+        masked images), from a session pruned to the scores."""
+        if self._scores_session is None:
+            self._scores_session = self._open(pruned(self.proto, [C.OUT_SCORES]))
+        feeds = {C.IN_IMAGE: np.ascontiguousarray(batch, np.float32)}
+        return self._scores_session.run([C.OUT_SCORES], feeds)[0]
 
     def _attach_metrics(
         self,

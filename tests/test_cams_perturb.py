@@ -6,6 +6,7 @@ graph), the tail refused for a skip connection, and ``convlens run`` end to end.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -258,3 +259,108 @@ def test_methods_on_zoo_models_against_keras(zoo: dict[str, dict[str, Path]], na
     np.testing.assert_allclose(inp.tail(inp.acts)[0], head(inp.acts)[0], rtol=1e-4, atol=1e-5)
     for m in PERTURB:
         _close(METHODS[m].maps(inp), reference(m, inp, head, scores), tol=2e-3)
+
+
+# ---- end to end ------------------------------------------------------------------------
+
+
+@pytest.mark.tf
+def test_run_end_to_end_on_the_demo_photos(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """``convlens run --cam ablationcam,reciprocam,scorecam --save-maps``: the saved map of
+    one image a folder against the loops, with the demo's GAP -> Dense head written out from
+    its weights (``S = mean_ij(F) W + b``) and Score-CAM's masked images scored one by one by
+    onnxruntime on the whole graph."""
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from convlens.cli import main
+    from convlens.engine.images import Preprocessor, read_image
+
+    model, photos = demo_model
+    methods = ["ablationcam", "reciprocam", "scorecam"]
+    out = tmp_path / "o"
+    args = [str(model), str(photos), "-o", str(out), "--device", "cpu", "-q", "--top-k", "1"]
+    args += ["--runtime", "onnxruntime"]  # the reference runs onnxruntime too
+    r = CliRunner().invoke(
+        main, ["run", *args, "--cam", ",".join(methods), "--save-maps", "--grids", "none"]
+    )
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(recs) == 15 and all(rec["cam_methods"] == methods for rec in recs)
+    spec = C.read_spec(model)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    blank = np.zeros((1, spec.input.height, spec.input.width, spec.input.channels), np.float32)
+    one = np.zeros((1, 1), np.int64)
+    w, b = sess.run([C.OUT_CAM_WEIGHTS, C.OUT_CAM_BIAS], {C.IN_IMAGE: blank, C.IN_TARGETS: one})
+
+    def head(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = f.astype(np.float64).mean(axis=(1, 2)) @ w + b
+        return z, _softmax(z)
+
+    def scores(xb: np.ndarray) -> np.ndarray:
+        return sess.run([C.OUT_SCORES], {C.IN_IMAGE: xb, C.IN_TARGETS: one})[0]
+
+    pre = Preprocessor(spec.input, spec.preprocess)
+    first = {Path(rec["path"]).parent.name: rec for rec in reversed(recs)}
+    for rec in first.values():
+        x = pre(read_image(Path(rec["path"])))[None]
+        targets = np.array([rec["cam_classes"]], np.int64)
+        acts = sess.run([str(spec.cam_output)], {C.IN_IMAGE: x, C.IN_TARGETS: targets})[0]
+        inp = CAMInputs(acts=acts, classes=targets, x=x)
+        maps = np.load(out / rec["maps"])
+        for m in methods:
+            saved = maps[f"{m}/{rec['cam_classes'][0]}"][None, None]
+            _close(saved.astype(np.float32), reference(m, inp, head, scores), tol=2e-3)
+
+
+def _skip_model() -> Any:
+    """A head that reads an earlier layer too: GAP(conv a) joins GAP(conv b) before the
+    Dense, so the network after conv b is not a function of conv b's output alone."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    a = layers.Conv2D(4, 3, activation="relu", padding="same", name="a")(inp)
+    bb = layers.Conv2D(6, 3, activation="relu", padding="same", name="b")(a)
+    joined = layers.Concatenate()(
+        [layers.GlobalAveragePooling2D()(a), layers.GlobalAveragePooling2D()(bb)]
+    )
+    return keras.Model(inp, layers.Dense(2, activation="softmax", name="out")(joined))
+
+
+@pytest.mark.tf
+@pytest.mark.slow  # exports a model of its own (about 10 s)
+def test_tail_refused_for_a_skip_connection(tmp_path: Path) -> None:
+    """The tail methods say why they cannot run (one line, exit 2); Score-CAM, which runs
+    the whole model, still does."""
+    import onnx
+    from click.testing import CliRunner
+
+    from convlens.cli import main
+    from convlens.engine.cams import availability
+    from convlens.engine.tail import tail_problem
+    from convlens.exporter.export import export_loaded
+
+    onnx_path = export_loaded(_skip_model(), tmp_path / "skip.onnx", cam_layer="b").path
+    spec = C.read_spec(onnx_path)
+    why = tail_problem(onnx.load(str(onnx_path)), spec)
+    assert why is not None and "other than through the CAM tensor of b" in why
+    assert availability(spec, why)["ablationcam"] == why
+    assert availability(spec, why)["scorecam"] is None
+    photos = tmp_path / "p"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        cv2.imwrite(str(photos / f"{i}.png"), rng.integers(0, 255, (20, 20, 3), np.uint8))
+    base = ["run", str(onnx_path), str(photos), "--device", "cpu", "-q", "--grids", "none"]
+    r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "o1"), "--cam", "ablationcam"])
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert (
+        "CAM method ablationcam is not available for this model" in line
+        and "CAM tensor of b" in line
+    )
+    r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "o2"), "--cam", "scorecam,gradcam"])
+    assert r.exit_code == 0, r.output
