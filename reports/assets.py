@@ -40,7 +40,8 @@ Off the critical path
     ``on_batch`` decides, shrinks the thumbnail and copies the maps (and a grid image's
     activations), and queues: each image's files are encoded and written on
     a report thread (:mod:`convlens.reports.background`), at most ``REPORT_PENDING``
-    images queued, so the engine decodes and runs the next batch meanwhile; ``close``
+    images and ``REPORT_PENDING_BYTES`` of arrays queued, so the engine decodes and
+    runs the next batch meanwhile; ``close``
     waits for the queue.  A record the engine logs before its files are written is one
     :meth:`ReportAssetSink.missing` finds lacking on resume.
 """
@@ -122,6 +123,7 @@ GRID_JPEG_QUALITY = 92
 #: report threads, and images queued for them at most (each holds one image's arrays)
 REPORT_WORKERS = 1
 REPORT_PENDING = 32
+REPORT_PENDING_BYTES = 64 << 20  # and at most this much of their arrays
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -227,7 +229,7 @@ class ReportAssetSink:
         self._decided: dict[str, bool] = {}  # id -> grids, decided by wants_activations
         #: the files are made on report threads, at most REPORT_PENDING images queued
         self._work: Background[dict[str, float]] = Background(
-            REPORT_WORKERS, REPORT_PENDING, self._collect
+            REPORT_WORKERS, REPORT_PENDING, self._collect, REPORT_PENDING_BYTES
         )
         #: small counters (no arrays): images, thumbnails, overlays, grid_images, grid_files
         self.counts: dict[str, int] = {}
@@ -359,7 +361,8 @@ class ReportAssetSink:
         maps = {key: np.array(raw, np.float32) for key, raw in outcome.maps.items()}
         acts = {k: np.array(a) for k, a in outcome.activations.items()} if grids else {}
         self.timings["thumbs_overlays_s"] += time.perf_counter() - t0
-        self._work.submit(self._render, safe_id(record.id), thumb, maps, acts)
+        held = thumb.nbytes + sum(a.nbytes for a in (*maps.values(), *acts.values()))
+        self._work.submit(self._render, safe_id(record.id), thumb, maps, acts, weight=held)
 
     def _render(
         self,

@@ -6,7 +6,8 @@ file-system calls release the GIL, so a writer thread overlaps with onnxruntime 
 decode threads instead of stalling the loop.  At most ``max_pending`` jobs are queued
 or running: :meth:`Background.submit` waits for the oldest one beyond that, so memory
 stays flat (a job holds one image's arrays) and a slow disk slows the run rather than
-filling memory.
+filling memory; jobs may also say how many bytes they hold (``weight``), and then at
+most ``max_bytes`` of them wait (one job alone may hold more).
 
 A job's exception is raised in the caller's thread, by the ``submit`` or ``drain`` that
 collects the job (never dropped); each job's return value is handed to ``collect`` in
@@ -29,24 +30,39 @@ class Background(Generic[T]):
     thread for every finished job, oldest first.  ``workers=0``: each job runs inside
     ``submit`` (what the benchmark compares against)."""
 
-    def __init__(self, workers: int, max_pending: int, collect: Callable[[T], None]):
+    def __init__(
+        self,
+        workers: int,
+        max_pending: int,
+        collect: Callable[[T], None],
+        max_bytes: int = 1 << 62,
+    ):
         if workers < 0 or max_pending < 1:
             raise ValueError("workers must be at least 0 and max_pending at least 1")
         self.workers = workers
         self.max_pending = max_pending
         self.collect = collect
+        self.max_bytes = max_bytes
+        self._bytes = 0  # the weight of the jobs pending
         self._pool: cf.ThreadPoolExecutor | None = None
-        self._pending: collections.deque[cf.Future[T]] = collections.deque()
+        self._pending: collections.deque[tuple[cf.Future[T], int]] = collections.deque()
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> None:
+    def submit(self, fn: Callable[..., T], *args: Any, weight: int = 0) -> None:
         if self.workers == 0:
             self.collect(fn(*args))
             return
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="report")
-        while self._pending and (len(self._pending) >= self.max_pending or self._pending[0].done()):
-            self.collect(self._pending.popleft().result())
-        self._pending.append(self._pool.submit(fn, *args))
+        while self._pending and (
+            len(self._pending) >= self.max_pending
+            or self._bytes + weight > self.max_bytes
+            or self._pending[0][0].done()
+        ):
+            fut, held = self._pending.popleft()
+            self._bytes -= held
+            self.collect(fut.result())
+        self._pending.append((self._pool.submit(fn, *args), weight))
+        self._bytes += weight
 
     def drain(self) -> None:
         """Wait for every job, collect them, and stop the threads (a later ``submit``
@@ -54,7 +70,8 @@ class Background(Generic[T]):
         have finished, so no job still writes when the caller goes on."""
         error: BaseException | None = None
         while self._pending:
-            fut = self._pending.popleft()
+            fut, held = self._pending.popleft()
+            self._bytes -= held
             try:
                 result = fut.result()
             except BaseException as exc:  # re-raised below, once every job has ended

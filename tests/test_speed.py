@@ -138,6 +138,13 @@ def test_background_collects_in_order_bounded_and_raises() -> None:
         assert len(work) <= 3
     work.drain()
     assert got == list(range(20)) and most <= 2
+    got.clear()
+    work = Background(2, 100, got.append, max_bytes=10)  # weight 6 each: one at a time
+    for i in range(6):
+        work.submit(job, i, weight=6)
+        assert len(work) == 1
+    work.drain()
+    assert got == list(range(6))
 
     def bad(i: int) -> int:
         if i == 2:
