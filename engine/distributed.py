@@ -300,8 +300,8 @@ def connect(ray: ModuleType, address: str) -> bool:
         logging.getLogger(name).setLevel(logging.ERROR)
     kw: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
-        if address == LOCAL:
-            ray.init(include_dashboard=False, **kw)
+        if address == LOCAL:  # a new instance, even where one is running already
+            ray.init(address="local", include_dashboard=False, **kw)
         else:
             ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError, ValueError) as exc:
