@@ -5,7 +5,7 @@ Driver (this module)
     discovers the inputs, resumes OUTDIR as a local run does, cuts the inputs still to do
     into units of consecutive inputs (``--ray-unit``) and hands only their paths to a Ray
     Data pipeline: ``map_batches`` over an actor pool of
-    :class:`~convlens.engine.distributed_worker.UnitWorker` (one onnxruntime session
+    :class:`~convlens.engine.distributed_worker.UnitWorker` (one model session
     each, CPU or one GPU).  As units finish it appends their records to results.jsonl in
     input order, draws progress (images, img/s, ETA), and at the end merges the units
     with the shards (stats.json, class_cams.npz), writes run.json and closes the sinks;
@@ -34,7 +34,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -108,6 +107,7 @@ class WorkerTally:
     ip: str
     pid: int
     device: str
+    runtime: str
     images: int = 0
     seconds: float = 0.0
 
@@ -115,7 +115,7 @@ class WorkerTally:
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
         return (
             f"{name}: {self.images} images, {rate:.1f} img/s busy, "
-            f"pid {self.pid} on {self.host} ({self.ip}), {self.device}"
+            f"pid {self.pid} on {self.host} ({self.ip}), {self.device} via {self.runtime}"
         )
 
 
@@ -225,16 +225,11 @@ class RayRunner(Runner):
             skipped=len(found.files) - len(todo),
             seconds=time.perf_counter() - t0,
             device=f"Ray, {len(workers)} worker(s) on {nodes} node(s), {place.device}",
+            runtime=", ".join(sorted({t.runtime for t in workers})) or "none",
             notes=notes + lines,
             metrics=metric_summary(records),
         )
-        self.dir.merge_shards(plan.spec.num_classes)
-        self.dir.write_run_json(
-            plan.model_path, plan.spec, settings, self.fingerprint, summary.to_json()
-        )
-        for s in self.sinks:
-            s.close(asdict(summary) | {"outdir": str(self.outdir)})
-        return summary
+        return self._finish(summary, settings)
 
     def _merged(
         self,
@@ -270,7 +265,13 @@ class RayRunner(Runner):
                 continue
             tally = tallies.setdefault(
                 (str(row["ip"]), int(row["pid"])),
-                WorkerTally(str(row["host"]), str(row["ip"]), int(row["pid"]), str(row["device"])),
+                WorkerTally(
+                    str(row["host"]),
+                    str(row["ip"]),
+                    int(row["pid"]),
+                    str(row["device"]),
+                    str(row["runtime"]),
+                ),
             )
             tally.images += int(row["images"])
             tally.seconds += float(row["seconds"])

@@ -1,5 +1,6 @@
 """The worker side of a run on Ray (:mod:`convlens.engine.distributed`): one actor holds
-one onnxruntime session and turns units of image paths into unit files.
+one model session (onnxruntime or OpenVINO, as the run picks) and turns units of image
+paths into unit files.
 
 A unit is a run of consecutive inputs (in the run's input order).  Its name is
 ``u-`` + the first 16 hex digits of ``sha1("\\n".join(ids))`` over the ids of the inputs
@@ -104,7 +105,7 @@ class UnitWorker:
         keep = bool(setup.sinks or setup.asset_sinks)
         self.pool = DecodePool(self.plan, keep_images=keep)
         self.roots = [Path(r) for r in setup.roots]
-        self.where = where(self.inference.device)
+        self.where = where(self.inference.device, self.inference.session.runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.unit(Unit.from_row(raw)) for raw in batch["unit"]]
@@ -141,14 +142,14 @@ class UnitWorker:
         }
 
 
-def where(device: str) -> dict[str, Any]:
-    """Where this worker runs: host name, node IP, process id, onnxruntime's device."""
+def where(device: str, runtime: str) -> dict[str, Any]:
+    """Where this worker runs: host name, node IP, process id, device and runtime."""
     host = socket.gethostname()
     try:
         ip = socket.gethostbyname(host)
     except OSError:
         ip = "?"
-    return {"host": host, "ip": ip, "pid": os.getpid(), "device": device}
+    return {"host": host, "ip": ip, "pid": os.getpid(), "device": device, "runtime": runtime}
 
 
 def write_unit(

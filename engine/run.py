@@ -209,6 +209,12 @@ class Runner:
             notes=notes,
             metrics=metric_summary(records),
         )
+        return self._finish(summary, settings)
+
+    def _finish(self, summary: RunSummary, settings: dict[str, Any]) -> RunSummary:
+        """stats.json and class_cams.npz from the shards, run.json with the summary,
+        the sinks closed (a local run's end, and a run on Ray's)."""
+        plan = self.plan
         self.dir.merge_shards(plan.spec.num_classes)
         self.dir.write_run_json(
             plan.model_path, plan.spec, settings, self.fingerprint, summary.to_json()
