@@ -142,6 +142,15 @@ def score(model: Path, photos: Path, out: Path, sample: int | None) -> dict[str,
     return doc
 
 
+def accuracy(outdir: Path) -> str:
+    """Top-1 accuracy over the labelled ok records, as "k/n"."""
+    from convlens.engine.outdir import read_results
+
+    recs = [r for r in read_results(outdir).records if r.ok and r.label_index is not None]
+    top = [max(r.predictions, key=lambda p: p.prob).index for r in recs]
+    return f"{sum(t == r.label_index for t, r in zip(top, recs, strict=True))}/{len(recs)}"
+
+
 def markdown(runs: dict[str, dict[str, Any]]) -> str:
     """One row per (model, method): the means of every score the registry declares."""
     from convlens.reports.data import method_label
@@ -178,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         doc = score(model, photos, out, args.sample)
         s = doc["summary"]
         print(
-            f"{name}: {s.get('ok')} images, {len(s.get('metrics') or {})} methods scored in "
+            f"{name}: {s.get('ok')} images, top-1 accuracy {accuracy(out)}, "
+            f"{len(s.get('metrics') or {})} methods scored in "
             f"{time.perf_counter() - t0:.0f} s (run.json: {out / 'run.json'})",
             file=sys.stderr,
         )
