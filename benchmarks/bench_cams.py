@@ -143,7 +143,19 @@ def cam_costs(analysis_onnx: Path, x: np.ndarray, repeats: int, slow_images: int
                 method.maps(inp)
             return sum(len(inp.acts) for inp in todo)
 
-        go()  # warm-up, not timed
+        go(
+            todo=[
+                replace(
+                    todo[0],
+                    acts=todo[0].acts[:1],
+                    classes=todo[0].classes[:1],
+                    x=todo[0].x[:1],
+                    grads=None,
+                )
+            ]
+            if slow
+            else todo
+        )  # warm-up, not timed
         n, secs = repeat(go, 1 if slow else repeats)
         ms[name] = 1000 * statistics.median(secs) / n
     n, secs = repeat(graph, repeats)

@@ -128,24 +128,25 @@ def peers(model: str, x: np.ndarray, repeats: int) -> tuple[list[PeerRow], dict[
     cam_session = net.full
     feeds = {C.IN_IMAGE: x, C.IN_TARGETS: ours_cls[:, None]}
 
-    def ours(name: str) -> np.ndarray:
-        acts = cam_session.run([str(spec.cam_output)], feeds)[0]  # the forward pass
-        inp = CAMInputs(acts, ours_cls[:, None], x=x, tail=net.tail, scores=net.scores)
+    def ours(name: str, n: int) -> np.ndarray:
+        fd = {k: v[:n] for k, v in feeds.items()}
+        acts = cam_session.run([str(spec.cam_output)], fd)[0]  # the forward pass
+        inp = CAMInputs(acts, ours_cls[:n, None], x=x[:n], tail=net.tail, scores=net.scores)
         return METHODS[name].maps(inp)[:, 0]
 
-    def theirs(name: str) -> np.ndarray:
+    def theirs(name: str, n: int) -> np.ndarray:
         cam = getattr(pgc, PEERS[name])(model=tm, target_layers=[layer])
-        targets = [ClassifierOutputTarget(int(c)) for c in theirs_cls]
-        return np.asarray(cam(input_tensor=xt, targets=targets))
+        targets = [ClassifierOutputTarget(int(c)) for c in theirs_cls[:n]]
+        return np.asarray(cam(input_tensor=xt[:n], targets=targets))
 
     rows = []
     for name in PEERS:
-        ours(name), theirs(name)  # warm-up, not timed
+        ours(name, 1), theirs(name, 1)  # warm-up on one image, not timed
         t_ours, t_theirs = [], []
         for _ in range(repeats):
             for fn, into in ((ours, t_ours), (theirs, t_theirs)):
                 t0 = time.perf_counter()
-                got = fn(name)
+                got = fn(name, len(x))
                 into.append(time.perf_counter() - t0)
                 if fn is ours:
                     mine = got
