@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [--images N] [--repeats R] [--models small,vgg] [--quick]
                                [--scale-max 10000] [--notebook-images K] [--rebuild]
+                               [--ovxai-python /work/venvs/ovxai/bin/python]
 
 Rows, per model (every method in its own process; img/s is the median over repeats):
 
@@ -12,10 +13,19 @@ Rows, per model (every method in its own process; img/s is the median over repea
      (tf.GradientTape) in one tf.function, batches of 32
  3   onnxruntime alone, plain tf2onnx export (predictions only), preprocessed batches in
      memory: rate I                        (3a: the same with the analysis ONNX)
+ 3v  OpenVINO alone, the same plain export and batches, f32   (3vb: its default precision,
+     bf16 on CPUs with AVX512-BF16/AMX): I* is the fastest of 3, 3v, 3vb
  D   decoding + preprocessing alone (read_image + Preprocessor on all cores): rate D
- L   the limit 1 / (1/I + 1/D)
- 4   ``convlens run`` end to end (pipeline.analyze, device cpu, report with grids=sample)
+ L   the limit 1 / (1/I + 1/D);  L* = 1 / (1/I* + 1/D)
+ P1  OpenVINO XAI: ActivationMap branch inserted into the plain export, JPEG to saved map
+     (its own venv, --ovxai-python; benchmarks/bench_ovxai.py)
+ P2  pytorch-grad-cam GradCAM, the same architecture and weights rebuilt in PyTorch, JPEG to
+     saved top-1 map (benchmarks/bench_rivals.py)
+ 4   ``convlens run`` end to end (pipeline.analyze, device cpu, runtime auto, report with
+     grids=sample)
  4'  the same with ``report=False``
+ 4g  ``--cam gradcam --top-k 1 --no-report --save-maps`` (the issue's one-method goal)
+ 4o, 4'o, 4go  the same three with ``--runtime onnxruntime`` (what the runtime buys)
  4'b (--diagnose) 4' with OPENBLAS_NUM_THREADS=1 (numpy's BLAS threads against onnxruntime's)
 
 and a scaling row: ``convlens run`` over 100 and 1000 (``--scale-max``: up to 10000) images
@@ -26,34 +36,29 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
-import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import bench_data as data
+from bench_report import ROWS, Result, document, fmt, git_state, machine
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "bench_worker.py"
 TAG = "BENCH-RESULT "
 
-ROWS = {  # key: (label, worker method)
-    "1": ("notebook recipe (Keras, 1 image at a time, matplotlib grids)", "notebook"),
-    "2": ("Keras batched: tf.data + predict + Grad-CAM (tape), batch 32", "keras"),
-    "3": ("onnxruntime alone, plain export (I)", "ort_plain"),
-    "3a": ("onnxruntime alone, analysis ONNX, every output", "ort_analysis"),
-    "D": ("decode + preprocess alone, all cores (D)", "decode"),
-    "4": ("convlens run (analyze, report)", "convlens"),
-    "4'": ("convlens run, report=False", "convlens_noreport"),
-    "4'b": ("convlens run, report=False, OPENBLAS_NUM_THREADS=1", "convlens_noreport"),
+#: what a row needs installed beyond convlens' own dependencies
+NEEDS = {
+    "3v": ("openvino",),
+    "3vb": ("openvino",),
+    "P2": ("torch", "torchvision", "pytorch_grad_cam"),
 }
+DEFAULT_OVXAI = Path("/work/venvs/ovxai/bin/python")
 ROW_ENV = {"4'b": {"OPENBLAS_NUM_THREADS": "1"}}  # --diagnose: thread oversubscription
 DEFAULT_IMAGES = {"small": 300, "vgg": 64}  # the VGG rows are ~10x slower
 QUICK_IMAGES = {"small": 24, "vgg": 8}
@@ -63,24 +68,6 @@ GRADCAM_NOTE = (
     "documented (ReplaceToLinear raises AttributeError: model.output_names; only "
     "model_modifier=None works, i.e. gradients through the softmax)."
 )
-
-
-@dataclass
-class Result:
-    row: str
-    model: str
-    images: int = 0
-    seconds: list[float] = field(default_factory=list)
-    peak_mb: float = float("nan")
-    note: str = ""
-    extra: dict = field(default_factory=dict)
-    error: str = ""
-
-    @property
-    def rate(self) -> float:
-        if self.error or not self.seconds:
-            return float("nan")
-        return self.images / statistics.median(self.seconds)
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,7 +85,11 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run_worker(args: list[str], timeout: float, env: dict[str, str] | None = None) -> dict:
     """Run bench_worker.py with ``args``; its result line as a dict (``error`` on failure)."""
-    cmd = [sys.executable, str(WORKER), *args]
+    return run_tagged([sys.executable, str(WORKER), *args], timeout, env)
+
+
+def run_tagged(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> dict:
+    """Run ``cmd``; its ``BENCH-RESULT`` line as a dict (``error`` on failure)."""
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env))
     except subprocess.TimeoutExpired:
@@ -110,13 +101,37 @@ def run_worker(args: list[str], timeout: float, env: dict[str, str] | None = Non
     return {"error": f"exit {p.returncode}: {tail[:200]}"}
 
 
+def not_run(row: str, opts: argparse.Namespace) -> str:
+    """Why a peer row cannot run here ('' if it can)."""
+    missing = [m for m in NEEDS.get(row, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"not run: {', '.join(missing)} not installed (the [bench] extra)"
+    if row == "P1" and not (opts.ovxai_python and Path(opts.ovxai_python).exists()):
+        return "not run: no OpenVINO XAI venv (--ovxai-python, $CONVLENS_OVXAI_PYTHON)"
+    return ""
+
+
+def run_ovxai(model: str, folder: Path, opts: argparse.Namespace, repeats: int) -> dict:
+    """Row P1 in the OpenVINO XAI venv (bench_ovxai.py, standalone)."""
+    cfg, files = data.MODELS[model], data.model_files(model)
+    cmd = [str(opts.ovxai_python), str(HERE / "bench_ovxai.py"), "--plain", str(files.plain)]
+    cmd += ["--set", str(folder), "--size", str(cfg.size), "--preprocess", cfg.preprocess]
+    cmd += ["--repeats", str(repeats), "--outdir", str(data.CACHE / "out" / f"{model}-ovxai")]
+    return run_tagged(cmd, opts.timeout)
+
+
 def measure(row: str, model: str, folder: Path, opts: argparse.Namespace, **kw: int) -> Result:
     method = ROWS[row][1]
     args = [method, "--model", model, "--set", str(folder)]
     args += ["--outdir", str(data.CACHE / "out" / f"{model}-{method}")]
     args += [f"--{k}={v}" for k, v in kw.items()]
     log(f"[{model}] {row:>2} {method} ...")
-    out = run_worker(args, opts.timeout, ROW_ENV.get(row))
+    if why := not_run(row, opts):
+        out: dict = {"error": why}
+    elif row == "P1":
+        out = run_ovxai(model, folder, opts, kw.get("repeats", 1))
+    else:
+        out = run_worker(args, opts.timeout, ROW_ENV.get(row))
     res = Result(row, model, error=out.get("error", ""))
     if not res.error:
         res.images, res.seconds = out["images"], out["seconds"]
@@ -137,12 +152,23 @@ def prepare(model: str, rebuild: bool, timeout: float) -> dict:
     return out["seconds"]
 
 
+def prepare_torch(model: str, rebuild: bool, timeout: float) -> None:
+    """The PyTorch rebuild's weights, written from the .keras file once (row P2)."""
+    weights = data.model_files(model).keras.with_suffix(".torch.npz")
+    if importlib.util.find_spec("torch") is None or (weights.exists() and not rebuild):
+        return
+    out = run_worker(["prepare_torch", "--model", model], timeout)
+    if "error" in out:
+        log(f"[{model}] PyTorch weights: {out['error']}")
+
+
 def bench_model(model: str, n: int, opts: argparse.Namespace) -> list[Result]:
     folder = data.image_set(n, n)
     R = opts.repeats
     nb = opts.notebook_images or (1 if opts.quick else data.MODELS[model].notebook_images)
     results = [measure("1", model, folder, opts, repeats=1, limit=min(nb, n))]
-    rows = ["2", "3", "3a", "D", "4", "4'"] + (["4'b"] if opts.diagnose else [])
+    rows = ["2", "3", "3v", "3vb", "3a", "D", "P1", "P2", "4", "4o", "4'", "4'o", "4g", "4go"]
+    rows += ["4'b"] if opts.diagnose else []
     for row in rows:
         results.append(measure(row, model, folder, opts, repeats=R))
     return results
@@ -165,142 +191,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def fmt(x: float) -> str:
-    if x != x:  # nan
-        return "-"
-    if x >= 100:
-        return f"{x:.0f}"
-    if x >= 10:
-        return f"{x:.1f}"
-    if x >= 1:
-        return f"{x:.2f}"
-    return f"{x:.3g}"
-
-
-def limit_rate(rate_i: float, rate_d: float) -> float:
-    return 1.0 / (1.0 / rate_i + 1.0 / rate_d)
-
-
-def model_table(model: str, results: list[Result]) -> list[str]:
-    by = {r.row: r for r in results}
-    lines = [
-        f"### {model}",
-        "",
-        "| # | method | images | img/s | peak RSS MiB | s per repeat | notes |",
-        "|---|---|---:|---:|---:|---|---|",
-    ]
-    for r in results:
-        if r.row == "4":
-            lim = limit_rate(by["3"].rate, by["D"].rate)
-            lines.append(f"| L | limit 1/(1/I + 1/D) | | {fmt(lim)} | | | |")
-        secs = ", ".join(f"{s:.2f}" for s in r.seconds)
-        note = r.error or "; ".join([r.note, *(f"{k}={v}" for k, v in r.extra.items())])
-        lines.append(
-            f"| {r.row} | {ROWS[r.row][0]} | {r.images} | {fmt(r.rate)} | "
-            f"{fmt(r.peak_mb)} | {secs} | {note} |"
-        )
-    return lines
-
-
-def ratios(all_results: dict[str, list[Result]]) -> list[str]:
-    lines = [
-        "| model | run | 4/L | 4/3 | 4/2 | 4/1 |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for model, results in all_results.items():
-        by = {r.row: r.rate for r in results}
-        lim = limit_rate(by["3"], by["D"])
-        names = (
-            ("4", "with report"),
-            ("4'", "report=False"),
-            ("4'b", "report=False, 1 BLAS thread"),
-        )
-        for row, name in names:
-            if row not in by:
-                continue
-            v = by[row]
-            cells = [v / lim, v / by["3"], v / by["2"], v / by["1"]]
-            lines.append(f"| {model} | {name} | " + " | ".join(fmt(c) for c in cells) + " |")
-    return lines
-
-
-def scaling_table(model: str, results: list[Result]) -> list[str]:
-    lines = [
-        f"Scaling, `convlens run` with report, model `{model}`, photos reused via symlinks:",
-        "",
-        "| images | img/s | peak RSS MiB | seconds | outdir MiB |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        secs = f"{r.seconds[0]:.1f}" if r.seconds else r.error
-        mb = r.extra.get("outdir_mb", "-")
-        lines.append(f"| {r.images} | {fmt(r.rate)} | {fmt(r.peak_mb)} | {secs} | {mb} |")
-    return lines
-
-
-def _version(*dists: str) -> str:
-    for d in dists:
-        try:
-            return metadata.version(d)
-        except metadata.PackageNotFoundError:
-            continue
-    return "not installed"
-
-
-def git_state() -> str:
-    """The commit benchmarked, and whether the engine, exporter or reports are edited."""
-    root = HERE.parent
-
-    def git(*args: str) -> str:
-        p = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return p.stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown commit"
-    dirty = git("status", "--porcelain", "--", "engine", "exporter", "reports", "convlens")
-    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
-
-
-def machine() -> list[str]:
-    cpu = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = {
-        "python": platform.python_version(),
-        "numpy": _version("numpy"),
-        "onnxruntime": _version("onnxruntime-gpu", "onnxruntime"),
-        "tensorflow": _version("tensorflow", "tensorflow-cpu"),
-        "keras": _version("keras"),
-        "opencv": _version("opencv-python-headless", "opencv-python"),
-        "tf2onnx": _version("tf2onnx"),
-        "matplotlib": _version("matplotlib"),
-        "convlens": _version("convlens"),
-    }
-    return [
-        f"- machine: {cpu}, {os.cpu_count()} cores available "
-        f"({len(os.sched_getaffinity(0))} usable), {platform.system()} {platform.release()}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-    ]
-
-
-def document(
-    header: list[str],
-    all_results: dict[str, list[Result]],
-    scale: tuple[str, list[Result]] | None,
-    notes: list[str],
-) -> str:
-    lines = ["# convlens benchmark", "", *header, ""]
-    for model, results in all_results.items():
-        lines += [*model_table(model, results), ""]
-    lines += ["### ratios (img/s of convlens run over the others)", "", *ratios(all_results), ""]
-    if scale:
-        lines += ["### scaling", "", *scaling_table(*scale), ""]
-    lines += ["### notes", "", *(f"- {n}" for n in notes), ""]
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
@@ -319,6 +209,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="build and export the models again")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     p.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument(
+        "--ovxai-python",
+        default=os.environ.get("CONVLENS_OVXAI_PYTHON") or str(DEFAULT_OVXAI),
+        help="the python of a venv with openvino-xai (row P1) [default: $CONVLENS_OVXAI_PYTHON, "
+        "else /work/venvs/ovxai/bin/python]",
+    )
     opts = p.parse_args(argv)
     opts.models = [m.strip() for m in opts.models.split(",") if m.strip()]
     unknown = [m for m in opts.models if m not in data.MODELS]
@@ -358,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [GRADCAM_NOTE]
     for m in opts.models:
         took = prepare(m, opts.rebuild, opts.timeout)
+        prepare_torch(m, opts.rebuild, opts.timeout)
         if took:
             notes.append(f"{m}: built/exported this run: " + json.dumps(took))
     all_results = {m: bench_model(m, counts[m], opts) for m in opts.models}
@@ -384,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _standing_notes() -> list[str]:
     return [
-        "Rows 1, 2, 4, 4' time everything from the model file and the image files to the "
-        "results (model loading, decoding, session creation included); 3, 3a, D are "
-        "components (session creation and the decoding of row 3's inputs excluded).",
+        "Rows 1, 2, P1, P2 and 4* time everything from the model file and the image files to "
+        "the results (model loading, decoding, session creation included); 3, 3v, 3vb, 3a, D "
+        "are components (session creation and the decoding of their inputs excluded).",
+        "convlens computes in float32 on every runtime (OpenVINO's bf16 default moved CAM "
+        "gradients by per cents); 3vb and P1 run OpenVINO's defaults, bf16 on this CPU, "
+        "hence L*f32 beside L*.",
         "Peak RSS is each worker process's VmHWM (one process per row, all its repeats), so "
         "it includes the interpreter and the libraries a method imports (TensorFlow for "
         "rows 1 and 2 only).",

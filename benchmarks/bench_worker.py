@@ -4,8 +4,12 @@
         [--repeats R] [--outdir DIR]
 
 Prints one line ``BENCH-RESULT {json}``: images, seconds per repeat, peak RSS (VmHWM).
-``METHOD`` is one of ``prepare`` (build and export the model), ``notebook``, ``keras``,
-``ort_plain``, ``ort_analysis``, ``decode``, ``convlens``, ``convlens_noreport``.
+``METHOD`` is one of ``prepare`` (build and export the model), ``prepare_torch`` (the
+weights of the PyTorch rebuild), ``notebook``, ``keras``, ``ort_plain``, ``ort_analysis``,
+``decode``, ``ov_plain`` / ``ov_plain_default`` (OpenVINO alone, f32 / its default
+precision), ``torch_gradcam`` (pytorch-grad-cam), or a convlens run: ``convlens``,
+``convlens_noreport``, ``convlens_one`` (--cam gradcam --top-k 1 --no-report --save-maps),
+each also with ``_ort`` (--runtime onnxruntime).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import bench_data as data  # noqa: E402
 import bench_methods as m  # noqa: E402
+import bench_rivals as rivals  # noqa: E402
 
 TAG = "BENCH-RESULT "
 
@@ -51,7 +56,18 @@ def _timed(args: argparse.Namespace) -> m.Timing:
     if args.method == "decode":
         n, secs = m.repeat(lambda: m.decode(files.analysis, images), R)
         return m.Timing(n, secs, f"read_image + Preprocessor, {os.cpu_count()} threads")
-    return _convlens(args.method == "convlens", files.analysis, args.set, out, R)
+    if args.method.startswith("ov_plain"):
+        precision = None if args.method == "ov_plain_default" else "f32"
+        go, used = rivals.ov_batches(files.plain, files.analysis, images, precision)
+        n, secs = m.repeat(go, R)
+        return m.Timing(n, secs, f"OpenVINO {used}, LATENCY; batches of 32 in memory")
+    if args.method == "torch_gradcam":
+        weights = torch_weights(args.model)
+        n, secs = m.repeat(lambda: rivals.torch_gradcam(weights, images, cfg, out / "maps"), R)
+        err = rivals.torch_parity(weights, files.analysis, images)
+        note = f"JPEG to saved top-1 map, batch 32; rebuild vs ONNX max |dp| {err:.1e}"
+        return m.Timing(n, secs, note)
+    return _convlens(args.method, files.analysis, args.set, out, R)
 
 
 def _cam_note(cfg: data.ModelConfig) -> str:
@@ -70,21 +86,39 @@ def _ort(method: str, files: data.ModelFiles, images: list[Path], R: int) -> m.T
     return m.Timing(n, secs, note + "; batches of 32 preprocessed in memory")
 
 
-def _convlens(report: bool, model: Path, folder: Path, out: Path, R: int) -> m.Timing:
+CONVLENS = {  # method: (report, RunOptions fields, note)
+    "convlens": (True, {}, "analyze(), report (grids=sample)"),
+    "convlens_noreport": (False, {}, "analyze(report=False)"),
+    "convlens_one": (
+        False,
+        {"cam_methods": ["gradcam"], "top_k": 1, "save_maps": True},
+        "--cam gradcam --top-k 1 --no-report --save-maps",
+    ),
+}
+
+
+def _convlens(method: str, model: Path, folder: Path, out: Path, R: int) -> m.Timing:
+    base = method.removesuffix("_ort")
+    report, options, note = CONVLENS[base]
+    options = options | ({"runtime": "onnxruntime"} if method.endswith("_ort") else {})
     extra: dict = {}
 
     def once() -> int:
-        n, info = m.convlens_run(model, folder, out / "run", report)
+        n, info = rivals.convlens_run(model, folder, out / "run", report, **options)
         extra.update(info)
         return n
 
     n, secs = m.repeat(once, R)
-    note = "analyze(), report (grids=sample)" if report else "analyze(report=False)"
     return m.Timing(n, secs, note + ", fresh outdir each repeat", extra)
 
 
-METHODS = ("notebook", "keras", "ort_plain", "ort_analysis", "decode", "convlens")
-METHODS += ("convlens_noreport",)
+def torch_weights(model: str) -> Path:
+    return data.model_files(model).keras.with_suffix(".torch.npz")
+
+
+METHODS = ("notebook", "keras", "ort_plain", "ort_analysis", "decode", "ov_plain")
+METHODS += ("ov_plain_default", "torch_gradcam")
+METHODS += tuple(k + s for k in CONVLENS for s in ("", "_ort"))
 
 
 def _prepare(args: argparse.Namespace) -> dict:
@@ -93,7 +127,7 @@ def _prepare(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("method", choices=["prepare", *METHODS])
+    p.add_argument("method", choices=["prepare", "prepare_torch", *METHODS])
     p.add_argument("--model", required=True, choices=list(data.MODELS))
     p.add_argument("--set", type=Path)
     p.add_argument("--limit", type=int)
@@ -103,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.method == "prepare":
         result = _prepare(args)
+    elif args.method == "prepare_torch":
+        keras_path = data.model_files(args.model).keras
+        result = rivals.export_torch_weights(keras_path, torch_weights(args.model))
     else:
         t = _timed(args)
         result = {"images": t.images, "seconds": t.seconds, "note": t.note, "extra": t.extra}

@@ -6,11 +6,12 @@ onnxruntime-gpu's multi-line noise) and the runtime:
 - ``onnxruntime``: CUDA or CPU.  Batches go through I/O binding
   (:mod:`convlens.engine.runtime_bind`): outputs bound on the device, read back once.
 - ``openvino`` (the ``[openvino]`` extra, :mod:`convlens.engine.runtime_ov`): CPU only.
-- ``auto``: onnxruntime on CUDA; on the CPU OpenVINO where it is installed and compiles
-  the graph, else onnxruntime (with a one-line reason when OpenVINO is installed but
-  cannot serve the graph).  The rule comes from ``benchmarks/bench_runtime.py``: on this
-  project's CPU benchmark models OpenVINO ran the analysis graph faster (README,
-  Benchmarks).
+- ``auto``: onnxruntime on CUDA.  On the CPU, where OpenVINO is installed and compiles the
+  graph, a short timed probe (:func:`faster`) on the caller's own input shapes keeps the
+  faster of the two: ``benchmarks/bench_runtime.py`` found neither always ahead in float32
+  (OpenVINO's lead over onnxruntime on these models comes mostly from bf16, which convlens
+  does not use; README, Benchmarks).  Without a probe input, or without OpenVINO,
+  onnxruntime; when OpenVINO is installed but cannot serve the graph, a one-line reason.
 
 Every session answers :meth:`Session.run` ``(names, feeds) -> arrays`` the same way.
 """
@@ -22,6 +23,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,11 +46,17 @@ class Session(ABC):
         self.runtime = runtime  # "onnxruntime" or "openvino"
         self.device = device  # "cuda" or "cpu"
         self.note = note  # one line to tell the user (e.g. the CUDA fallback), or None
+        self.choice = ""  # --runtime auto: how the runtime was chosen (run.json)
 
     @property
     @abstractmethod
     def input_names(self) -> list[str]:
         """The graph's input names."""
+
+    @property
+    @abstractmethod
+    def output_names(self) -> list[str]:
+        """The graph's output names."""
 
     @abstractmethod
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -69,6 +77,10 @@ class OrtSession(Session):
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.binder is None or not feeds:
@@ -139,13 +151,15 @@ def open_session(
     threads: int | None = None,
     runtime: str = "onnxruntime",
     bind: bool = True,
+    probe: dict[str, np.ndarray] | None = None,
 ) -> Session:
     """A session on ``device`` ("auto", "cuda" or "cpu") run by ``runtime`` ("auto",
     "onnxruntime" or "openvino").
 
     ``auto`` device uses CUDA only where it really loads, else says one line and uses the
     CPU; ``cuda`` fails with one line when CUDA does not load.  ``auto`` runtime: see the
-    module docstring.  ``bind``: onnxruntime batches through I/O binding.
+    module docstring.  ``bind``: onnxruntime batches through I/O binding.  ``probe``:
+    feeds like the run's (a few images) for ``auto``'s timed probe on the CPU.
     """
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}: choose auto, cuda or cpu")
@@ -159,7 +173,7 @@ def open_session(
         return open_openvino(model, threads, None)
     src = model if isinstance(model, bytes) else str(model)
     if device == "cpu":
-        return _cpu(src, threads, None, runtime, bind)
+        return _cpu(src, threads, None, runtime, bind, probe)
     import onnxruntime as ort
 
     opts = session_options(threads)
@@ -167,7 +181,8 @@ def open_session(
         reason = "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
         if device == "cuda":
             raise DeviceError(f"CUDA not available ({reason})")
-        return _cpu(src, threads, f"CUDA not available ({reason}); using CPU", runtime, bind)
+        note = f"CUDA not available ({reason}); using CPU"
+        return _cpu(src, threads, note, runtime, bind, probe)
     with _captured_stderr() as log:
         try:
             sess = ort.InferenceSession(
@@ -182,23 +197,54 @@ def open_session(
     reason = _reason(text)
     if device == "cuda":
         raise DeviceError(f"CUDA not available ({reason})")
-    return _cpu(src, threads, f"CUDA not available ({reason}); using CPU", runtime, bind)
+    note = f"CUDA not available ({reason}); using CPU"
+    return _cpu(src, threads, note, runtime, bind, probe)
 
 
 def _cpu(
-    src: str | bytes, threads: int | None, note: str | None, runtime: str, bind: bool
+    src: str | bytes,
+    threads: int | None,
+    note: str | None,
+    runtime: str,
+    bind: bool,
+    probe: dict[str, np.ndarray] | None,
 ) -> Session:
-    """A CPU session: OpenVINO for ``auto`` where it serves the graph, else onnxruntime."""
-    if runtime == "auto":
+    """A CPU session: for ``auto``, the faster of OpenVINO and onnxruntime on ``probe``
+    where OpenVINO serves the graph, else onnxruntime."""
+    import onnxruntime as ort
+
+    ov = None
+    if runtime == "auto" and probe is not None:
         from .runtime_ov import openvino_or_reason
 
         ov, why = openvino_or_reason(src, threads, note)
-        if ov is not None:
-            return ov
         if why is not None:  # installed, but cannot serve this graph
             note = f"{note}; " if note else ""
             note += f"OpenVINO cannot run this graph ({why}); using onnxruntime"
-    import onnxruntime as ort
-
     sess = ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
-    return OrtSession(sess, "cpu", note, bind)
+    cpu = OrtSession(sess, "cpu", note, bind)
+    if ov is None or probe is None:
+        return cpu
+    return faster(ov, cpu, probe)
+
+
+def faster(a: Session, b: Session, feeds: dict[str, np.ndarray], rounds: int = 2) -> Session:
+    """Whichever of ``a`` and ``b`` runs ``feeds`` faster: one untimed warm-up each, then
+    ``rounds`` timed calls each, alternating (a shared machine's load falls on both), the
+    best time of each compared.  The winner's ``choice`` says the times."""
+    names = {a: a.output_names, b: b.output_names}
+    best = {a: float("inf"), b: float("inf")}
+    for s in (a, b):
+        s.run(names[s], feeds)
+    for _ in range(rounds):
+        for s in (a, b):
+            t0 = time.perf_counter()
+            s.run(names[s], feeds)
+            best[s] = min(best[s], time.perf_counter() - t0)
+    win, lose = (a, b) if best[a] <= best[b] else (b, a)
+    n = len(next(iter(feeds.values())))
+    win.choice = (
+        f"auto: {win.runtime} {best[win] * 1000:.0f} ms against {lose.runtime} "
+        f"{best[lose] * 1000:.0f} ms for {n} images (timed probe)"
+    )
+    return win

@@ -62,6 +62,10 @@ class OvSession(Session):
     def input_names(self) -> list[str]:
         return [i.get_any_name() for i in self.compiled.inputs]
 
+    @property
+    def output_names(self) -> list[str]:
+        return [o.get_any_name() for o in self.compiled.outputs]
+
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """``y = f(x)`` with the feeds shared, not copied; the outputs copied out of the
         request's buffers (the next call reuses them)."""

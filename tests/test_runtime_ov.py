@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
+from convlens.engine import contract as C
+from convlens.engine.images import Preprocessor, read_image
 from convlens.engine.outdir import read_results
-from convlens.engine.plan import RunOptions
+from convlens.engine.plan import RunOptions, RunPlan
 from convlens.engine.run import run
 from convlens.engine.runtime import DeviceError, open_session
 from convlens.engine.runtime_ov import available
@@ -99,10 +102,28 @@ def test_zoo_same_on_both_runtimes(
     assert assert_same_results(dirs) > 0
 
 
-def test_auto_on_cpu_is_openvino(demo_model: tuple[Path, Path]) -> None:
-    model, _ = demo_model
-    s = open_session(model, "cpu", runtime="auto")
-    assert (s.runtime, s.device, s.note) == ("openvino", "cpu", None)
+def test_auto_on_cpu_probes_both(demo_model: tuple[Path, Path]) -> None:
+    """auto on the CPU with probe inputs: the faster runtime, the times said; without
+    probe inputs: onnxruntime."""
+    model, photos = demo_model
+    x = analysis_batch(model, photos)
+    plan = RunPlan.build(model)
+    feeds = {C.IN_IMAGE: x, C.IN_TARGETS: plan.targets(len(x))}
+    s = open_session(model, "cpu", runtime="auto", probe=feeds)
+    other = ({"onnxruntime", "openvino"} - {s.runtime}).pop()
+    assert re.fullmatch(
+        rf"auto: {s.runtime} \d+ ms against {other} \d+ ms for {len(x)} images \(timed probe\)",
+        s.choice,
+    ), s.choice
+    assert s.note is None and s.device == "cpu"
+    plain = open_session(model, "cpu", runtime="auto")
+    assert (plain.runtime, plain.choice, plain.note) == ("onnxruntime", "", None)
+
+
+def analysis_batch(model: Path, photos: Path) -> np.ndarray:
+    spec = C.read_spec(model)
+    pre = Preprocessor(spec.input, spec.preprocess)
+    return np.stack([pre(read_image(p)) for p in sorted(photos.rglob("*.jpg"))[:4]])
 
 
 def _scaler_model() -> bytes:
@@ -123,7 +144,8 @@ def _scaler_model() -> bytes:
 
 def test_auto_falls_back_with_the_reason() -> None:
     model = _scaler_model()
-    s = open_session(model, "cpu", runtime="auto")
+    probe = {"x": np.ones((2, 4), np.float32)}
+    s = open_session(model, "cpu", runtime="auto", probe=probe)
     assert s.runtime == "onnxruntime"
     assert s.note == (
         "OpenVINO cannot run this graph (no conversion for ai.onnx.ml.Scaler); using onnxruntime"

@@ -1,0 +1,241 @@
+"""benchmarks/bench.py's rows and its Markdown: per-model tables, the ratios against L, L*
+and every peer, the issue's goals, scaling, the machine.
+
+    L  = 1 / (1/I + 1/D)    I: onnxruntime alone on the plain export (row 3)
+    L* = 1 / (1/I* + 1/D)   I*: the fastest runtime on the plain export (rows 3, 3v, 3vb)
+    L*f32: the same over the float32 rows (3, 3v), the precision convlens computes in
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+ROWS = {  # key: (label, worker method)
+    "1": ("notebook recipe (Keras, 1 image at a time, matplotlib grids)", "notebook"),
+    "2": ("Keras batched: tf.data + predict + Grad-CAM (tape), batch 32", "keras"),
+    "3": ("onnxruntime alone, plain export (I)", "ort_plain"),
+    "3v": ("OpenVINO alone, plain export, f32", "ov_plain"),
+    "3vb": ("OpenVINO alone, plain export, its default precision", "ov_plain_default"),
+    "3a": ("onnxruntime alone, analysis ONNX, every output", "ort_analysis"),
+    "D": ("decode + preprocess alone, all cores (D)", "decode"),
+    "P1": ("OpenVINO XAI, ActivationMap inserted, batch 32", "ovxai"),
+    "P2": ("pytorch-grad-cam GradCAM, PyTorch rebuild, batch 32", "torch_gradcam"),
+    "4": ("convlens run (analyze, report)", "convlens"),
+    "4o": ("convlens run (analyze, report), --runtime onnxruntime", "convlens_ort"),
+    "4'": ("convlens run, report=False", "convlens_noreport"),
+    "4'o": ("convlens run, report=False, --runtime onnxruntime", "convlens_noreport_ort"),
+    "4g": ("convlens run --cam gradcam --top-k 1 --no-report --save-maps", "convlens_one"),
+    "4go": ("the same, --runtime onnxruntime", "convlens_one_ort"),
+    "4'b": ("convlens run, report=False, OPENBLAS_NUM_THREADS=1", "convlens_noreport"),
+}
+CONVLENS_ROWS = ("4", "4o", "4'", "4'o", "4g", "4go", "4'b")
+PEERS = (("2", "Keras"), ("P1", "OV XAI"), ("P2", "pt-grad-cam"), ("1", "notebook"))
+
+
+@dataclass
+class Result:
+    row: str
+    model: str
+    images: int = 0
+    seconds: list[float] = field(default_factory=list)
+    peak_mb: float = float("nan")
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def rate(self) -> float:
+        if self.error or not self.seconds:
+            return float("nan")
+        return self.images / statistics.median(self.seconds)
+
+
+def fmt(x: float) -> str:
+    if x != x:  # nan
+        return "-"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def limit_rate(rate_i: float, rate_d: float) -> float:
+    return 1.0 / (1.0 / rate_i + 1.0 / rate_d)
+
+
+def limits(by: dict[str, float]) -> dict[str, float]:
+    """L, L*f32 and L* from the rows' rates (nan where a row is missing)."""
+    nan = float("nan")
+
+    def best(rows: tuple[str, ...]) -> float:
+        rates = [by.get(r, nan) for r in rows]
+        rates = [r for r in rates if r == r]
+        return max(rates) if rates else nan
+
+    d = by.get("D", nan)
+    return {
+        "L": limit_rate(by.get("3", nan), d),
+        "L*f32": limit_rate(best(("3", "3v")), d),
+        "L*": limit_rate(best(("3", "3v", "3vb")), d),
+    }
+
+
+def model_table(model: str, results: list[Result]) -> list[str]:
+    by = {r.row: r.rate for r in results}
+    lim = limits(by)
+    lines = [
+        f"### {model}",
+        "",
+        "| # | method | images | img/s | peak RSS MiB | s per repeat | notes |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for r in results:
+        if r.row == "P1":
+            lines.append(f"| L | limit 1/(1/I + 1/D) | | {fmt(lim['L'])} | | | |")
+            lines.append(
+                f"| L*f32 | the same, I* over the f32 runtimes | | {fmt(lim['L*f32'])} | | | |"
+            )
+            lines.append(f"| L* | the same, I* over every runtime | | {fmt(lim['L*'])} | | | |")
+        secs = ", ".join(f"{s:.2f}" for s in r.seconds)
+        note = r.error or "; ".join([r.note, *(f"{k}={v}" for k, v in r.extra.items())])
+        lines.append(
+            f"| {r.row} | {ROWS[r.row][0]} | {r.images} | {fmt(r.rate)} | "
+            f"{fmt(r.peak_mb)} | {secs} | {note} |"
+        )
+    return lines
+
+
+def ratios(all_results: dict[str, list[Result]]) -> list[str]:
+    """Every convlens row over L, L*f32, L*, and over each peer."""
+    heads = ["/L", "/L*f32", "/L*", *(f"/{p} ({name})" for p, name in PEERS)]
+    lines = [
+        "| model | row | img/s | " + " | ".join(heads) + " |",
+        "|---|---|---:|" + "---:|" * len(heads),
+    ]
+    for model, results in all_results.items():
+        by = {r.row: r.rate for r in results}
+        lim = limits(by)
+        for row in CONVLENS_ROWS:
+            if row not in by:
+                continue
+            v = by[row]
+            cells = [v / lim["L"], v / lim["L*f32"], v / lim["L*"]]
+            cells += [v / by.get(p, float("nan")) for p, _ in PEERS]
+            lines.append(
+                f"| {model} | {row} | {fmt(v)} | " + " | ".join(fmt(c) for c in cells) + " |"
+            )
+    return lines
+
+
+def goals(all_results: dict[str, list[Result]]) -> list[str]:
+    """The issue's goals, met or not, per model."""
+    lines = ["| model | goal | measured | met |", "|---|---|---:|---|"]
+    for model, results in all_results.items():
+        by = {r.row: r.rate for r in results}
+        ls = limits(by)["L*"]
+        nan = float("nan")
+        checks = [
+            ("4g (one method, top-1, no report) >= 0.95 L*", by.get("4g", nan) / ls, 0.95),
+            ("4 (the full default run, report) >= 0.8 L*", by.get("4", nan) / ls, 0.8),
+            ("4 faster than OpenVINO XAI (4 / P1 > 1)", by.get("4", nan) / by.get("P1", nan), 1),
+            ("4 faster than Keras batched (4 / 2 > 1)", by.get("4", nan) / by.get("2", nan), 1),
+            ("4g faster than OpenVINO XAI (4g / P1 > 1)", by.get("4g", nan) / by.get("P1", nan), 1),
+            ("4g faster than Keras batched (4g / 2 > 1)", by.get("4g", nan) / by.get("2", nan), 1),
+        ]
+        for name, value, bar in checks:
+            met = "-" if value != value else ("yes" if value >= bar else "**no**")
+            lines.append(f"| {model} | {name} | {fmt(value)} | {met} |")
+    return lines
+
+
+def scaling_table(model: str, results: list[Result]) -> list[str]:
+    lines = [
+        f"Scaling, `convlens run` with report, model `{model}`, photos reused via symlinks:",
+        "",
+        "| images | img/s | peak RSS MiB | seconds | outdir MiB |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        secs = f"{r.seconds[0]:.1f}" if r.seconds else r.error
+        mb = r.extra.get("outdir_mb", "-")
+        lines.append(f"| {r.images} | {fmt(r.rate)} | {fmt(r.peak_mb)} | {secs} | {mb} |")
+    return lines
+
+
+def _version(*dists: str) -> str:
+    for d in dists:
+        try:
+            return metadata.version(d)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def git_state() -> str:
+    """The commit benchmarked, and whether the engine, exporter or reports are edited."""
+    root = HERE.parent
+
+    def git(*args: str) -> str:
+        p = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return p.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    dirty = git("status", "--porcelain", "--", "engine", "exporter", "reports", "convlens")
+    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
+
+
+def machine() -> list[str]:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {
+        "python": platform.python_version(),
+        "numpy": _version("numpy"),
+        "onnxruntime": _version("onnxruntime-gpu", "onnxruntime"),
+        "openvino": _version("openvino"),
+        "tensorflow": _version("tensorflow", "tensorflow-cpu"),
+        "keras": _version("keras"),
+        "torch": _version("torch"),
+        "grad-cam": _version("grad-cam"),
+        "opencv": _version("opencv-python-headless", "opencv-python"),
+        "tf2onnx": _version("tf2onnx"),
+        "matplotlib": _version("matplotlib"),
+        "convlens": _version("convlens"),
+    }
+    return [
+        f"- machine: {cpu}, {os.cpu_count()} cores available "
+        f"({len(os.sched_getaffinity(0))} usable), {platform.system()} {platform.release()}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    ]
+
+
+def document(
+    header: list[str],
+    all_results: dict[str, list[Result]],
+    scale: tuple[str, list[Result]] | None,
+    notes: list[str],
+) -> str:
+    lines = ["# convlens benchmark", "", *header, ""]
+    for model, results in all_results.items():
+        lines += [*model_table(model, results), ""]
+    lines += ["### ratios (img/s of each convlens row over the limits and the peers)", ""]
+    lines += [*ratios(all_results), ""]
+    lines += ["### the issue's goals (issue 10)", "", *goals(all_results), ""]
+    if scale:
+        lines += ["### scaling", "", *scaling_table(*scale), ""]
+    lines += ["### notes", "", *(f"- {n}" for n in notes), ""]
+    return "\n".join(lines)
