@@ -3,8 +3,10 @@
 :func:`open_session` picks the device (CUDA only where it really loads, without
 onnxruntime-gpu's multi-line noise) and the runtime:
 
-- ``onnxruntime``: CUDA or CPU.  Batches go through I/O binding
-  (:mod:`convlens.engine.runtime_bind`): outputs bound on the device, read back once.
+- ``onnxruntime``: CUDA or CPU.  On CUDA batches go through I/O binding
+  (:mod:`convlens.engine.runtime_bind`): outputs bound on the device, read back once,
+  inputs from pinned host memory; on the CPU through ``InferenceSession.run`` (binding
+  bought nothing there: ``benchmarks/bench_runtime.py``).
 - ``openvino`` (the ``[openvino]`` extra, :mod:`convlens.engine.runtime_ov`): CPU only.
 - ``auto``: onnxruntime on CUDA.  On the CPU, where OpenVINO is installed and compiles the
   graph, a short timed probe (:func:`faster`) on the caller's own input shapes keeps the
@@ -64,10 +66,10 @@ class Session(ABC):
 
 
 class OrtSession(Session):
-    """An onnxruntime InferenceSession; batches through I/O binding unless ``bind`` is
-    False (then ``InferenceSession.run``)."""
+    """An onnxruntime InferenceSession; batches through I/O binding where ``bind``, else
+    through ``InferenceSession.run``."""
 
-    def __init__(self, session: Any, device: str, note: str | None, bind: bool = True):
+    def __init__(self, session: Any, device: str, note: str | None, bind: bool):
         from .runtime_bind import Binder
 
         super().__init__("onnxruntime", device, note)
@@ -150,7 +152,7 @@ def open_session(
     device: str = "auto",
     threads: int | None = None,
     runtime: str = "onnxruntime",
-    bind: bool = True,
+    bind: bool | None = None,
     probe: dict[str, np.ndarray] | None = None,
 ) -> Session:
     """A session on ``device`` ("auto", "cuda" or "cpu") run by ``runtime`` ("auto",
@@ -158,7 +160,8 @@ def open_session(
 
     ``auto`` device uses CUDA only where it really loads, else says one line and uses the
     CPU; ``cuda`` fails with one line when CUDA does not load.  ``auto`` runtime: see the
-    module docstring.  ``bind``: onnxruntime batches through I/O binding.  ``probe``:
+    module docstring.  ``bind``: onnxruntime batches through I/O binding (default: on
+    CUDA only).  ``probe``:
     feeds like the run's (a few images) for ``auto``'s timed probe on the CPU.
     """
     if device not in DEVICES:
@@ -193,7 +196,7 @@ def open_session(
             sess, failure = None, str(exc)
     text = "".join(log) + (failure or "")
     if sess is not None and "CUDAExecutionProvider" in sess.get_providers():
-        return OrtSession(sess, "cuda", None, bind)
+        return OrtSession(sess, "cuda", None, True if bind is None else bind)
     reason = _reason(text)
     if device == "cuda":
         raise DeviceError(f"CUDA not available ({reason})")
@@ -206,7 +209,7 @@ def _cpu(
     threads: int | None,
     note: str | None,
     runtime: str,
-    bind: bool,
+    bind: bool | None,
     probe: dict[str, np.ndarray] | None,
 ) -> Session:
     """A CPU session: for ``auto``, the faster of OpenVINO and onnxruntime on ``probe``
@@ -222,7 +225,7 @@ def _cpu(
             note = f"{note}; " if note else ""
             note += f"OpenVINO cannot run this graph ({why}); using onnxruntime"
     sess = ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
-    cpu = OrtSession(sess, "cpu", note, bind)
+    cpu = OrtSession(sess, "cpu", note, bool(bind))
     if ov is None or probe is None:
         return cpu
     return faster(ov, cpu, probe)
