@@ -44,6 +44,8 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
+from . import contract as C
+
 #: feature maps (B, h, w, k) -> (class scores (B, C), probabilities (B, C))
 TailFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: model inputs (B, H, W, c) -> class scores (B, C) before softmax/sigmoid
@@ -221,7 +223,7 @@ def availability(spec: Any, tail_problem: str | None = None) -> dict[str, str | 
             why = "no gradient rule for " + ("; ".join(problems[:5]) or "this head")
         elif (method.needs_tail or method.needs_model) and spec.cam_output is None:
             why = "the file exposes no CAM tensor"
-        elif (method.needs_tail or method.needs_model) and not spec.has_output("scores"):
+        elif (method.needs_tail or method.needs_model) and not spec.has_output(C.OUT_SCORES):
             why = "the file has no class scores output (re-export it)"
         elif method.needs_tail and tail_problem:
             why = tail_problem
