@@ -133,6 +133,7 @@ class RayRunner(Runner):
     ):
         super().__init__(model_path, outdir, options, sinks, warn=warn, progress=progress)
         self.options = options
+        self.seen_notes: set[str] = set()
 
     def run(self, inputs: Sequence[str]) -> RunSummary:
         t0 = time.perf_counter()
@@ -263,6 +264,10 @@ class RayRunner(Runner):
             seq = int(row["seq"])
             if seq in pending or seq not in by_seq:
                 continue
+            note = str(row["note"])
+            if note and note not in self.seen_notes:  # a worker's, once per run
+                self.seen_notes.add(note)
+                self.warn(f"{row['host']}: {note}")
             tally = tallies.setdefault(
                 (str(row["ip"]), int(row["pid"])),
                 WorkerTally(

@@ -106,6 +106,7 @@ class UnitWorker:
         self.pool = DecodePool(self.plan, keep_images=keep)
         self.roots = [Path(r) for r in setup.roots]
         self.where = where(self.inference.device, self.inference.session.runtime)
+        self.where["note"] = self.inference.note or ""  # e.g. no CUDA there: on the CPU
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.unit(Unit.from_row(raw)) for raw in batch["unit"]]
