@@ -43,7 +43,8 @@ sys.path.insert(0, str(HERE))
 import bench_data  # noqa: E402
 import numpy as np  # noqa: E402
 
-from convlens.engine.distributed import RayRunner, connect, make_units  # noqa: E402
+from convlens.engine.distributed import RayRunner, make_units  # noqa: E402
+from convlens.engine.distributed_cluster import connect  # noqa: E402
 from convlens.engine.distributed_worker import (  # noqa: E402
     UnitWorker,
     WorkerSetup,

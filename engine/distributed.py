@@ -30,15 +30,14 @@ Cost per image, beyond the local engine's: one row per unit through Ray Data (a 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from .decode import input_roots
+from .distributed_cluster import Pool, import_ray
 from .distributed_worker import Unit, UnitWorker, WorkerSetup, adopt_units, unit_key, unit_records
 from .images import discover
 from .outdir import Record, ResultsLog
@@ -47,56 +46,13 @@ from .results import image_id
 from .run import ProgressCallback, ProgressEvent, Runner, RunSummary, metric_sample, metric_summary
 from .sinks import ResultSink
 
-LOCAL = "local"  # --ray with no address: start a Ray instance on this machine
 BATCHES_PER_UNIT = 8  # --ray-unit's default, in batches
 IN_FLIGHT = 2  # units queued on an actor: the next one is there when one ends
 
 
-def import_ray() -> ModuleType:
-    """Ray, imported only when asked for; a one-line error without the extra."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as exc:
-        raise RunError(
-            f"--ray needs Ray ({exc.name or 'ray'} is not installed): pip install 'convlens[ray]'"
-        ) from exc
-    return ray
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Actors and what each one holds: from the cluster's resources unless set."""
-
-    workers: int
-    cpus: float
-    gpus: float
-    device: str  # onnxruntime's, in each actor: "cpu" or "cuda"
-    unit: int  # images per unit
-
-    @classmethod
-    def of(cls, resources: dict[str, float], options: RunOptions) -> Placement:
-        """GPU actors (one GPU, the CPUs per GPU for decoding) with ``--device cuda``,
-        or ``auto`` on a cluster with GPUs; else one CPU per actor, one actor per CPU."""
-        cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-        if options.device == "cuda" and not gpus:
-            raise RunError("--device cuda: the Ray cluster has no GPU")
-        unit = options.ray_unit or BATCHES_PER_UNIT * options.batch_size
-        if gpus and options.device in ("cuda", "auto"):
-            per = max(1, cpus // gpus)
-            return cls(options.ray_workers or gpus, per, 1, "cuda", unit)
-        return cls(options.ray_workers or max(1, cpus), 1, 0, "cpu", unit)
-
-    def actor_options(self, options: RunOptions) -> RunOptions:
-        """One actor's options: its device, and threads for its CPUs."""
-        per = max(1, int(self.cpus))
-        return dataclasses.replace(
-            options,
-            device=self.device,
-            threads=options.threads or per,
-            workers=options.workers or per,
-            ray=None,
-        )
+def unit_size(options: RunOptions) -> int:
+    """Images per unit: ``--ray-unit``, or :data:`BATCHES_PER_UNIT` batches."""
+    return options.ray_unit or BATCHES_PER_UNIT * options.batch_size
 
 
 @dataclasses.dataclass
@@ -139,16 +95,14 @@ class RayRunner(Runner):
         t0 = time.perf_counter()
         if not inputs:
             raise RunError("no input given: name image files, directories or globs")
-        ray = import_ray()
+        pool = Pool(import_ray(), self.options)
         with self.dir.locked():
-            started = connect(ray, self.options.ray or LOCAL)
             try:
-                return self._run_ray(ray, list(inputs), t0)
+                return self._run_ray(pool, list(inputs), t0)
             finally:
-                if started:
-                    ray.shutdown()
+                pool.close()
 
-    def _run_ray(self, ray: ModuleType, inputs: list[str], t0: float) -> RunSummary:
+    def _run_ray(self, pool: Pool, inputs: list[str], t0: float) -> RunSummary:
         plan = self.plan
         run_json = self.dir.prepare(plan.force, plan.save_maps, self.fingerprint)
         log = ResultsLog(self.outdir)
@@ -172,10 +126,9 @@ class RayRunner(Runner):
             expect = getattr(s, "expect", None)
             if expect is not None:
                 expect(order, {i: r for i, r in done.items() if r.ok})
-        place = Placement.of(ray.cluster_resources(), self.options)
-        setup = WorkerSetup(
+        pool.setup = WorkerSetup(
             model_path=str(plan.model_path),
-            options=place.actor_options(self.options),
+            options=self.options,  # made one actor's by the pool
             outdir=str(self.outdir.resolve()),
             fingerprint=self.fingerprint,
             roots=tuple(str(r) for r in input_roots(inputs, found.files)),
@@ -187,8 +140,8 @@ class RayRunner(Runner):
         assets: dict[tuple[str, int], WorkerTally] = {}  # the second pass, if any
         processed = 0
         try:
-            units = make_units(todo, place.unit)
-            for recs in self._merged(ray, setup, place, units, tallies):
+            units = make_units(todo, unit_size(self.options))
+            for recs in self._merged(pool, units, tallies):
                 log.append(recs)
                 log.sync()
                 processed += len(recs)
@@ -209,7 +162,7 @@ class RayRunner(Runner):
             redo = [i for i in dict.fromkeys(order) if i in lacking]
             paths = [ok[i].path for i in redo]
             extra = [Unit(-1, unit_key(redo), tuple(paths), assets=True)]
-            for _ in self._merged(ray, setup, place, extra, assets):
+            for _ in self._merged(pool, extra, assets):
                 pass
         workers = sorted(tallies.values(), key=lambda t: (t.host, t.pid))
         lines = [t.line(f"worker {n}") for n, t in enumerate(workers, 1)]
@@ -225,8 +178,10 @@ class RayRunner(Runner):
             processed=processed + len(problems),
             skipped=len(found.files) - len(todo),
             seconds=time.perf_counter() - t0,
-            device=f"Ray, {len(workers)} worker(s) on {nodes} node(s), {place.device}",
-            runtime=", ".join(sorted({t.runtime for t in workers})) or "none",
+            device=f"Ray, {len(workers)} worker(s) on {nodes} node(s)"
+            if workers
+            else "Ray (nothing left to run: not started)",
+            runtime=", ".join(sorted({f"{t.device} {t.runtime}" for t in workers})) or "-",
             notes=notes + lines,
             metrics=metric_summary(records),
         )
@@ -234,9 +189,7 @@ class RayRunner(Runner):
 
     def _merged(
         self,
-        ray: ModuleType,
-        setup: WorkerSetup,
-        place: Placement,
+        pool: Pool,
         units: list[Unit],
         tallies: dict[tuple[str, int], WorkerTally],
     ) -> Iterator[list[Record]]:
@@ -244,6 +197,7 @@ class RayRunner(Runner):
         unit once, however often Ray ran it), as soon as every earlier unit is in."""
         if not units:
             return
+        ray, place, setup = pool.ready()
         ds = ray.data.from_items([u.to_row() for u in units], override_num_blocks=len(units))
         out = ds.map_batches(
             UnitWorker,
@@ -256,11 +210,25 @@ class RayRunner(Runner):
             num_cpus=place.cpus,
             num_gpus=place.gpus or None,
         )
+        try:
+            yield from self._in_order(out.iter_rows(), units, tallies)
+        except ray.exceptions.RayError as exc:  # a worker's bug, or the cluster gone
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            last = lines[-1].strip() if lines else type(exc).__name__
+            raise RunError(f"the Ray run failed ({type(exc).__name__}): {last[:300]}") from exc
+
+    def _in_order(
+        self,
+        rows: Iterator[dict[str, Any]],
+        units: list[Unit],
+        tallies: dict[tuple[str, int], WorkerTally],
+    ) -> Iterator[list[Record]]:
+        """The records of each unit once, in input order, as the rows come."""
         by_seq = {u.seq: u for u in units}
         pending: dict[int, list[Record]] = {}
         expected = iter(u.seq for u in units)
         nxt = next(expected, None)
-        for row in out.iter_rows():
+        for row in rows:
             seq = int(row["seq"])
             if seq in pending or seq not in by_seq:
                 continue
@@ -291,29 +259,6 @@ class RayRunner(Runner):
         if recs is None:
             raise RunError(f"{self.dir.shards / unit.key}.json: a worker's unit cannot be read")
         return recs
-
-
-def connect(ray: ModuleType, address: str) -> bool:
-    """Join the cluster at ``address`` (``auto``, HOST:PORT, ray://...) or start a local
-    instance (``local``); True when this call started the connection (the caller shuts
-    it down).  A process already connected (``ray.init`` by the user) is used as is."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    if ray.is_initialized():
-        return False
-    for name in ("ray", "ray.data"):  # Ray's own notes are not the run's
-        logging.getLogger(name).setLevel(logging.ERROR)
-    kw: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
-    try:
-        if address == LOCAL:  # a new instance, even where one is running already
-            ray.init(address="local", include_dashboard=False, **kw)
-        else:
-            ray.init(address=address, **kw)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RunError(f"cannot start or join Ray at {address}: {first}") from exc
-    return True
 
 
 def make_units(paths: list[str], size: int) -> list[Unit]:

@@ -272,3 +272,20 @@ def test_missing_ray_is_one_line(
     assert lines == [
         "convlens: error: --ray needs Ray (ray is not installed): pip install 'convlens[ray]'"
     ]
+
+
+def test_placement_defaults_from_the_cluster() -> None:
+    """Actors from the cluster's resources: one per GPU (with the CPUs per GPU for
+    decoding) where there are GPUs, else one per CPU; --ray-workers sets the count."""
+    from convlens.engine.distributed_cluster import Placement
+    from convlens.engine.plan import RunError
+
+    gpu = Placement.of({"CPU": 32.0, "GPU": 4.0}, RunOptions())
+    assert (gpu.workers, gpu.cpus, gpu.gpus, gpu.device) == (4, 8, 1, "cuda")
+    cpu = Placement.of({"CPU": 32.0, "GPU": 4.0}, RunOptions(device="cpu", ray_workers=6))
+    assert (cpu.workers, cpu.cpus, cpu.gpus, cpu.device) == (6, 1, 0, "cpu")
+    assert Placement.of({"CPU": 2.0}, RunOptions()).workers == 2
+    one = cpu.actor_options(RunOptions(device="cpu", ray="auto"))
+    assert (one.threads, one.workers, one.ray) == (1, 1, None)
+    with pytest.raises(RunError, match="no GPU"):
+        Placement.of({"CPU": 8.0}, RunOptions(device="cuda"))
