@@ -182,19 +182,20 @@ class ScoreCAM(CAMMethod):
 
 @register
 class FasterScoreCAM(ScoreCAM):
-    """Faster Score-CAM (the Score-CAM authors' repository, after tabayashi0117's Keras
-    version): Score-CAM over the ``top_n`` channels of largest variance over positions
-    (per image) only; the others get weight 0, the softmax runs over the kept ones::
+    """Faster Score-CAM (tabayashi0117/Score-CAM, "Faster Score-CAM"; tf-keras-vis'
+    ``Scorecam(max_N=...)``): Score-CAM over the ``top_n`` channels of largest variance
+    over positions (per image) only; the others get weight 0, the softmax runs over the
+    kept ones::
 
-        kept  = the top_n k by var_ij A_k(i, j)
+        kept    = the top_n k by var_ij A_k(i, j)
         alpha_k = softmax_{m in kept}(s_m)_k for k in kept, else 0
 
-    ``top_n`` whole-model passes per image instead of K.
+    ``top_n`` (10 here) whole-model passes per image instead of K.
     """
 
     name = "fasterscorecam"
     label = "Faster Score-CAM"
-    reference = "Wang et al. 2020 (Faster Score-CAM)"
+    reference = "tabayashi0117 (Faster Score-CAM); Wang et al. 2020"
     #: channels kept per image
     top_n = 10
 
