@@ -303,7 +303,7 @@ def _fractions(curve: np.ndarray) -> np.ndarray:
     return np.linspace(0.0, 1.0, len(curve))
 
 
-def probe_feeds(proto: object, plan: RunPlan, n: int = 4) -> dict[str, np.ndarray]:
+def probe_feeds(proto: object, plan: RunPlan, n: int = 8) -> dict[str, np.ndarray]:
     """Inputs like a batch's for --runtime auto's probe: ``min(n, batch size)`` seeded
     random images (the graph's cost does not depend on the pixel values) and, where the
     graph takes them, the run's targets."""

@@ -10,8 +10,11 @@ Benchmarks):
 - ``INFERENCE_PRECISION_HINT`` f32: on CPUs with AVX512-BF16 or AMX, OpenVINO's default
   is bf16, which moved CAM gradients by several per cent and flipped zero counts; f32
   matches onnxruntime to float rounding (tests/test_runtime_ov.py).
-- ``PERFORMANCE_HINT`` LATENCY: the engine runs one request at a time (THROUGHPUT's
-  streams only pay with several requests in flight).
+- ``PERFORMANCE_HINT`` LATENCY: the engine runs one request at a time (THROUGHPUT with
+  one request was slower; two streams with two requests in flight faster in isolation,
+  but the decoding threads already use the other core in a run).
+- ``ENABLE_CPU_PINNING`` NO: decoding threads share the cores; pinned inference threads
+  get preempted (pinning off was faster even alone).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .runtime import DeviceError, Session
 CONFIG: dict[str, str] = {
     "INFERENCE_PRECISION_HINT": "f32",
     "PERFORMANCE_HINT": "LATENCY",
+    "ENABLE_CPU_PINNING": "NO",
 }
 MISSING = "OpenVINO is not installed: pip install 'convlens[openvino]'"
 
