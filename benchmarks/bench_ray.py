@@ -48,6 +48,7 @@ from convlens.engine.distributed_cluster import connect  # noqa: E402
 from convlens.engine.distributed_worker import (  # noqa: E402
     UnitWorker,
     WorkerSetup,
+    unit_lines,
     unit_records,
     write_unit,
 )
@@ -133,7 +134,9 @@ def in_process(model: Path, folder: Path, unit: int) -> dict[str, float]:
         t1 = time.perf_counter()
         write_unit(rundir, u, stats, cams, ids, recs, {"pid": os.getpid()})
         t2 = time.perf_counter()
-        log.append(unit_records(meta) or [])
+        got = unit_lines(meta, fp)
+        assert got is not None
+        log.append_lines(got.lines)
         log.sync()
         t_merge += time.perf_counter() - t2
         t_write += t2 - t1

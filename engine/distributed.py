@@ -38,7 +38,15 @@ from typing import Any
 
 from .decode import input_roots
 from .distributed_cluster import Pool, import_ray
-from .distributed_worker import Unit, UnitWorker, WorkerSetup, adopt_units, unit_key, unit_records
+from .distributed_worker import (
+    Unit,
+    UnitLines,
+    UnitWorker,
+    WorkerSetup,
+    adopt_units,
+    unit_key,
+    unit_lines,
+)
 from .images import discover
 from .outdir import Record, ResultsLog
 from .plan import RunError, RunOptions
@@ -141,13 +149,13 @@ class RayRunner(Runner):
         processed = 0
         try:
             units = make_units(todo, unit_size(self.options))
-            for recs in self._merged(pool, units, tallies):
-                log.append(recs)
-                log.sync()
-                processed += len(recs)
-                for r in recs:
-                    if not r.ok:
-                        self.warn(f"{r.path}: {r.error}")
+            for got in self._merged(pool, units, tallies):
+                # no fsync per unit: the units are durable, and a next run adopts any
+                # whose lines a crash took from results.jsonl (fsynced at the end)
+                log.append_lines(got.lines)
+                processed += got.count
+                for path, error in got.errors:
+                    self.warn(f"{path}: {error}")
                 if self.progress is not None:
                     elapsed = time.perf_counter() - t0
                     self.progress(ProgressEvent(processed, len(todo), elapsed))
@@ -192,8 +200,8 @@ class RayRunner(Runner):
         pool: Pool,
         units: list[Unit],
         tallies: dict[tuple[str, int], WorkerTally],
-    ) -> Iterator[list[Record]]:
-        """Run ``units`` on the actor pool; yield their records in input order (each
+    ) -> Iterator[UnitLines]:
+        """Run ``units`` on the actor pool; yield their lines in input order (each
         unit once, however often Ray ran it), as soon as every earlier unit is in."""
         if not units:
             return
@@ -222,10 +230,10 @@ class RayRunner(Runner):
         rows: Iterator[dict[str, Any]],
         units: list[Unit],
         tallies: dict[tuple[str, int], WorkerTally],
-    ) -> Iterator[list[Record]]:
-        """The records of each unit once, in input order, as the rows come."""
+    ) -> Iterator[UnitLines]:
+        """The lines of each unit once, in input order, as the rows come."""
         by_seq = {u.seq: u for u in units}
-        pending: dict[int, list[Record]] = {}
+        pending: dict[int, UnitLines] = {}
         expected = iter(u.seq for u in units)
         nxt = next(expected, None)
         for row in rows:
@@ -249,16 +257,16 @@ class RayRunner(Runner):
             tally.images += int(row["images"])
             tally.seconds += float(row["seconds"])
             unit = by_seq.pop(seq)
-            pending[seq] = [] if unit.assets else self._unit_records(unit)
+            pending[seq] = UnitLines(b"", 0, []) if unit.assets else self._unit_lines(unit)
             while nxt is not None and nxt in pending:
                 yield pending.pop(nxt)
                 nxt = next(expected, None)
 
-    def _unit_records(self, unit: Unit) -> list[Record]:
-        recs = unit_records(self.dir.shards / f"{unit.key}.json", self.fingerprint)
-        if recs is None:
+    def _unit_lines(self, unit: Unit) -> UnitLines:
+        got = unit_lines(self.dir.shards / f"{unit.key}.json", self.fingerprint)
+        if got is None:
             raise RunError(f"{self.dir.shards / unit.key}.json: a worker's unit cannot be read")
-        return recs
+        return got
 
 
 def make_units(paths: list[str], size: int) -> list[Unit]:

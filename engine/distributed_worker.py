@@ -13,7 +13,8 @@ unit, atomically, in the form of a statistics shard (OUTDIR.md)::
     shards/u-<key>.stats.npz   activation statistics of the unit's ok images
     shards/u-<key>.cams.npz    class CAM sums and counts
     shards/u-<key>.json        {"ids": ok ids, "fingerprint", "inputs": every id,
-                                "records": the unit's records, "worker": where it ran}
+                                "lines": the unit's results.jsonl lines, "errors":
+                                [path, reason] of its failed inputs, "worker": where}
 
 so that the engine's resume treats a unit exactly as it treats a local run's shard, and
 a unit whose records the driver had not yet appended to results.jsonl when it died is
@@ -37,7 +38,7 @@ import numpy as np
 
 from .decode import DecodePool
 from .infer import Inference
-from .outdir import Record, ResultsLog, read_results
+from .outdir import Record, ResultsLog, read_results, record_lines
 from .plan import RunOptions, RunPlan
 from .results import atomic_save_npz, atomic_write_json
 from .rundir import RunDir
@@ -170,21 +171,49 @@ def write_unit(
         "ids": ok_ids,
         "fingerprint": rundir.fingerprint,
         "inputs": [r.id for r in records],
-        "records": [r.to_json() for r in records],
+        "lines": record_lines(records).decode("ascii"),  # the driver appends them as is
+        "errors": [[r.path, r.error] for r in records if not r.ok],
         "worker": worker,
     }
     atomic_write_json(shards / f"{unit.key}.json", doc)
 
 
-def unit_records(path: Path, fingerprint: dict[str, Any] | None = None) -> list[Record] | None:
-    """The records a unit file holds; None when it is not a readable unit (or, given a
+@dataclass(frozen=True)
+class UnitLines:
+    """What the driver merges of a unit: its results.jsonl lines, how many, and the
+    failed inputs' paths and reasons (said on the terminal)."""
+
+    lines: bytes
+    count: int
+    errors: list[tuple[str, str]]
+
+
+def unit_lines(path: Path, fingerprint: dict[str, Any] | None = None) -> UnitLines | None:
+    """A unit file's lines; None when it is not a readable unit (or, given a
     ``fingerprint``, another run's)."""
     try:
         doc = json.loads(path.read_bytes())
         if fingerprint is not None and doc.get("fingerprint") != fingerprint:
             return None
-        return [Record.from_json(d) for d in doc["records"]]
+        lines = doc["lines"].encode("ascii")
+        errors = [(str(p), str(e)) for p, e in doc["errors"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if lines and not lines.endswith(b"\n"):
+        return None
+    return UnitLines(lines, lines.count(b"\n"), errors)
+
+
+def unit_records(path: Path, fingerprint: dict[str, Any] | None = None) -> list[Record] | None:
+    """The records a unit file holds; None when it is not a readable unit."""
+    got = unit_lines(path, fingerprint)
+    try:
+        return (
+            None
+            if got is None
+            else [Record.from_json(json.loads(x)) for x in got.lines.splitlines()]
+        )
+    except ValueError:
         return None
 
 
