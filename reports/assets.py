@@ -412,7 +412,6 @@ class ReportAssetSink:
             "complete": final,
             "grids": self.grids,
             "grid_sample": self.grid_sample,
-            "grid_notable": self.policy.grid_notable,
             "low_confidence": LOW_CONFIDENCE,
             "thumb_size": self.thumb_size,
             "cam_colormap": CAM_COLORMAP_NAME,
