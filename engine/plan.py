@@ -73,8 +73,9 @@ class RunOptions:
         metadata=_doc(
             "Activation statistics over one image in K, picked by a hash of its id (the "
             "same images on every run and resume); 1: every image. Cuts their cost "
-            "about K times; means and zero fractions become estimates, maxima and dead "
-            "channels a lower bound (README: Speed).",
+            "about K times; means and zero fractions become estimates, maxima lower "
+            "bounds, and a channel firing only on other images is called dead "
+            "(README: Speed).",
             min=1,
         ),
     )

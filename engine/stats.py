@@ -17,8 +17,8 @@ order).
 Sampling (``--stats-every K``): the statistics cover the images whose id hashes to 0
 modulo K (:func:`in_stats_sample`: about one image in K, the same images whatever the
 order, batches or resumes), so ``count`` is the number of images sampled; ``mean`` and
-``zero_fraction`` are then estimates over that sample and ``max`` (so ``dead``) a
-lower bound of the whole run's.
+``zero_fraction`` are then estimates over that sample, ``max`` a lower bound of the
+whole run's, and ``dead`` may name a channel that fires only on images left out.
 """
 
 from __future__ import annotations
