@@ -22,6 +22,7 @@ from convlens import __version__
 from convlens.engine import contract as C
 from convlens.engine.cams import availability
 from convlens.engine.results import append_and_replace, atomic_write_bytes
+from convlens.engine.tail import tail_problem
 
 from .build import make_function, output_names, probe_gradients
 from .convert import add_constant_output, convert
@@ -46,11 +47,13 @@ class ExportResult:
     seconds: float
     size_bytes: int
     peak_rss_mb: float = 0.0
+    #: why the layers after the CAM tensor cannot be cut out (Ablation-/Recipro-CAM)
+    tail_problem: str | None = None
 
     @property
     def methods(self) -> dict[str, str | None]:
         """CAM method -> None when the engine can run it on this file, else why not."""
-        return availability(self.spec)
+        return availability(self.spec, self.tail_problem)
 
     @property
     def warnings(self) -> list[str]:
@@ -182,6 +185,7 @@ def export_loaded(
         spec.source["preprocess_reason"] = pre_reason
         found = recognise(model)
         spec.source["family"] = found[0].name if found else None
+        cut_problem = tail_problem(proto, spec) if spec.cam_output else None
         images, source = parity_inputs(calibration, inp, pre, n_calibration, seed)
         proto.producer_name, proto.producer_version = "convlens", __version__
         del proto.metadata_props[:]
@@ -232,6 +236,7 @@ def export_loaded(
         seconds=time.perf_counter() - t0,
         size_bytes=out.stat().st_size,
         peak_rss_mb=peak_rss_mb(),
+        tail_problem=cut_problem,
     )
 
 

@@ -342,10 +342,14 @@ def test_tail_refused_for_a_skip_connection(tmp_path: Path) -> None:
     from convlens.engine.tail import tail_problem
     from convlens.exporter.export import export_loaded
 
-    onnx_path = export_loaded(_skip_model(), tmp_path / "skip.onnx", cam_layer="b").path
+    exported = export_loaded(_skip_model(), tmp_path / "skip.onnx", cam_layer="b")
+    onnx_path = exported.path
     spec = C.read_spec(onnx_path)
     why = tail_problem(onnx.load(str(onnx_path)), spec)
     assert why is not None and "other than through the CAM tensor of b" in why
+    # the export's summary says so too (from the graph before its weights are written)
+    assert exported.methods["ablationcam"] == why and exported.methods["scorecam"] is None
+    assert any(w.startswith("ablationcam, reciprocam unavailable") for w in exported.warnings)
     assert availability(spec, why)["ablationcam"] == why
     assert availability(spec, why)["scorecam"] is None
     photos = tmp_path / "p"
