@@ -449,3 +449,61 @@ def test_metric_options_are_validated():
         RunPlan.build(model, RunOptions(metrics=["auc"]))
     with pytest.raises(RunError, match="needs --metrics"):
         RunPlan.build(model, RunOptions(metrics_sample=3))
+
+
+def test_cam_beats_random_inverse_and_image_blind_maps_on_the_mixed_photos():
+    """The sanity check that can fail: on the demo model's mixed photos (two textures side
+    by side), for each of the two classes a photo shows, the real CAM must score a higher
+    insertion AUC than a seeded random map, its own inverse, and a map that ignores the
+    image (a centred Gaussian, the same for every photo).
+
+    Deletion cannot separate maps on this model: RISE's deletion canvas is black, and the
+    demo model calls a black image grass, so every grass curve stays near 1 and every
+    other class's falls to 0 at the first step, whatever the order.  There the CAM must
+    merely not be worse than its inverse."""
+    import onnxruntime as ort
+
+    model, photos = demo_paths()
+    spec = C.read_spec(model)
+    names = ["predictions", "act/conv3", "cam_weights"]
+    sess = ort.InferenceSession(pruned(model, names), providers=["CPUExecutionProvider"])
+    files = sorted((Path(photos) / "mixed").glob("*.jpg"))
+    assert len(files) == 3
+    x = np.stack([preprocess(read_image(f), spec.input, spec.preprocess) for f in files])
+    _, acts, w = sess.run(names, {"image": x})
+    pairs = [
+        (i, spec.class_names.index(part))
+        for i, f in enumerate(files)
+        for part in f.stem.split("_")
+        if part in spec.class_names
+    ]
+    rows = np.array([i for i, _ in pairs])
+    classes = np.array([c for _, c in pairs])
+    assert len(pairs) == 6  # both textures of every photo
+    raw = METHODS["cam"].compute(acts[rows], weights=w, classes=classes[:, None])[:, 0]
+    h, wd = x.shape[1:3]
+    cam = np.stack([upsample(m, (h, wd)) for m in normalize(raw)])
+    yy, xx = np.mgrid[0:h, 0:wd]
+    blob = np.exp(-((yy - h / 2) ** 2 + (xx - wd / 2) ** 2) / (2 * (h / 4) ** 2))
+    maps = {
+        "cam": cam,
+        "random": np.random.default_rng(0).random(cam.shape, dtype=np.float32),
+        "inverse": 1 - cam,
+        "image-blind": np.broadcast_to(blob.astype(np.float32), cam.shape).copy(),
+    }
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return sess.run(["predictions"], {"image": np.ascontiguousarray(batch, np.float32)})[0]
+
+    xs = x[rows]
+    ins = {
+        k: Insertion().compute(xs, m, classes, predict).scores["insertion"].mean()
+        for k, m in maps.items()
+    }
+    dele = {
+        k: Deletion().compute(xs, m, classes, predict).scores["deletion"].mean()
+        for k, m in maps.items()
+    }
+    for other in ("random", "inverse", "image-blind"):
+        assert ins["cam"] > ins[other] + 0.1, ins
+    assert dele["cam"] <= dele["inverse"], dele
