@@ -21,11 +21,11 @@ Rows, per model (every method in its own process; img/s is the median over repea
      (its own venv, --ovxai-python; benchmarks/bench_ovxai.py)
  P2  pytorch-grad-cam GradCAM, the same architecture and weights rebuilt in PyTorch, JPEG to
      saved top-1 map (benchmarks/bench_rivals.py)
- 4   ``convlens run`` end to end (pipeline.analyze, device cpu, runtime auto, report with
-     grids=sample)
+ 4   ``convlens run`` end to end (pipeline.analyze, device cpu, runtime auto = onnxruntime,
+     report with grids=sample)
  4'  the same with ``report=False``
  4g  ``--cam gradcam --top-k 1 --no-report --save-maps`` (the issue's one-method goal)
- 4o, 4'o, 4go  the same three with ``--runtime onnxruntime`` (what the runtime buys)
+ 4v, 4'v, 4gv  the same three with ``--runtime openvino`` (what the runtime buys)
  4'b (--diagnose) 4' with OPENBLAS_NUM_THREADS=1 (numpy's BLAS threads against onnxruntime's)
 
 and a scaling row: ``convlens run`` over 100 and 1000 (``--scale-max``: up to 10000) images
@@ -54,6 +54,9 @@ TAG = "BENCH-RESULT "
 
 #: what a row needs installed beyond convlens' own dependencies
 NEEDS = {
+    "4v": ("openvino",),
+    "4'v": ("openvino",),
+    "4gv": ("openvino",),
     "3v": ("openvino",),
     "3vb": ("openvino",),
     "P2": ("torch", "torchvision", "pytorch_grad_cam"),
@@ -167,7 +170,7 @@ def bench_model(model: str, n: int, opts: argparse.Namespace) -> list[Result]:
     R = opts.repeats
     nb = opts.notebook_images or (1 if opts.quick else data.MODELS[model].notebook_images)
     results = [measure("1", model, folder, opts, repeats=1, limit=min(nb, n))]
-    rows = ["2", "3", "3v", "3vb", "3a", "D", "P1", "P2", "4", "4o", "4'", "4'o", "4g", "4go"]
+    rows = ["2", "3", "3v", "3vb", "3a", "D", "P1", "P2", "4", "4v", "4'", "4'v", "4g", "4gv"]
     rows += ["4'b"] if opts.diagnose else []
     for row in rows:
         results.append(measure(row, model, folder, opts, repeats=R))
@@ -198,7 +201,11 @@ def log(msg: str) -> None:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--images", type=int, help="images per model (default: small 300, vgg 64)")
+    p.add_argument(
+        "--images",
+        type=_images,
+        help="images per model: N for every model, or small=N,vgg=M (default: small 300, vgg 64)",
+    )
     p.add_argument("--repeats", type=int, help="repeats per row, median reported (default 3)")
     p.add_argument("--models", default="small,vgg", help="comma-separated: small, vgg")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test")
@@ -234,9 +241,17 @@ def scale_sizes(opts: argparse.Namespace) -> list[int]:
     return sizes
 
 
+def _images(text: str) -> dict[str, int] | int:
+    if "=" not in text:
+        return int(text)
+    return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+
+
 def images_for(model: str, opts: argparse.Namespace) -> int:
-    if opts.images:
+    if isinstance(opts.images, int):
         return opts.images
+    if opts.images and model in opts.images:
+        return int(opts.images[model])
     return (QUICK_IMAGES if opts.quick else DEFAULT_IMAGES)[model]
 
 

@@ -29,14 +29,14 @@ ROWS = {  # key: (label, worker method)
     "P1": ("OpenVINO XAI, ActivationMap inserted, batch 32", "ovxai"),
     "P2": ("pytorch-grad-cam GradCAM, PyTorch rebuild, batch 32", "torch_gradcam"),
     "4": ("convlens run (analyze, report)", "convlens"),
-    "4o": ("convlens run (analyze, report), --runtime onnxruntime", "convlens_ort"),
+    "4v": ("convlens run (analyze, report), --runtime openvino", "convlens_ov"),
     "4'": ("convlens run, report=False", "convlens_noreport"),
-    "4'o": ("convlens run, report=False, --runtime onnxruntime", "convlens_noreport_ort"),
+    "4'v": ("convlens run, report=False, --runtime openvino", "convlens_noreport_ov"),
     "4g": ("convlens run --cam gradcam --top-k 1 --no-report --save-maps", "convlens_one"),
-    "4go": ("the same, --runtime onnxruntime", "convlens_one_ort"),
+    "4gv": ("the same, --runtime openvino", "convlens_one_ov"),
     "4'b": ("convlens run, report=False, OPENBLAS_NUM_THREADS=1", "convlens_noreport"),
 }
-CONVLENS_ROWS = ("4", "4o", "4'", "4'o", "4g", "4go", "4'b")
+CONVLENS_ROWS = ("4", "4v", "4'", "4'v", "4g", "4gv", "4'b")
 PEERS = (("2", "Keras"), ("P1", "OV XAI"), ("P2", "pt-grad-cam"), ("1", "notebook"))
 
 

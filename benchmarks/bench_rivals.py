@@ -49,7 +49,8 @@ def ov_batches(
     req = compiled.create_infer_request()
     batches = [np.ascontiguousarray(x[i : i + BATCH]) for i in range(0, len(x), BATCH)]
     req.infer({0: batches[0]})  # warm-up, not timed
-    used = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    used = getattr(hint, "get_type_name", hint.__str__)()
 
     def go() -> int:
         for b in batches:

@@ -115,7 +115,7 @@ def variants() -> list[Variant]:
         Variant("onnxruntime: spinning on", "analysis", ort_runner(spin=True)),
         Variant("onnxruntime: 1 thread", "analysis", ort_runner(threads=1)),
         Variant("onnxruntime: I/O binding", "analysis", ort_runner(bind=True)),
-        Variant("OpenVINO: f32, LATENCY (convlens' default)", "analysis", ov_runner()),
+        Variant("OpenVINO: f32, LATENCY, no pinning (convlens' default)", "analysis", ov_runner()),
         Variant(
             "OpenVINO: f32, THROUGHPUT, 1 request",
             "analysis",
@@ -132,9 +132,9 @@ def variants() -> list[Variant]:
             ov_runner(2, NUM_STREAMS="2"),
         ),
         Variant(
-            "OpenVINO: f32, LATENCY, CPU pinning off",
+            "OpenVINO: f32, LATENCY, CPU pinning on (the plugin's default)",
             "analysis",
-            ov_runner(ENABLE_CPU_PINNING="NO"),
+            ov_runner(ENABLE_CPU_PINNING="YES"),
         ),
         Variant(
             "OpenVINO: bf16 (the CPU plugin's default here), LATENCY",
@@ -177,13 +177,13 @@ def graphs(model: str) -> tuple[dict[str, bytes], list[str], list[str], int]:
     return {"analysis": analysis, "plain": plain}, names, plain_out, plan.top_k
 
 
-def bench(model: str, n: int, repeats: int) -> list[Variant]:
+def bench(model: str, n: int, repeats: int, only: list[str] | None = None) -> list[Variant]:
     from convlens.engine import contract as C
 
     files = data.model_files(model)
     x = preloaded(files.analysis, data.set_files(data.image_set(n, n)))
     protos, names, plain_out, k = graphs(model)
-    vs = variants()
+    vs = [v for v in variants() if only is None or any(w in v.name for w in only)]
     feeds: dict[str, list[dict[str, np.ndarray]]] = {}
     targets = np.tile(-(np.arange(k, dtype=np.int64) + 1), (BATCH, 1))
     plain_in = _plain_input(files.plain)
@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, help="default: small 256, vgg 64")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output", type=Path, default=HERE / "RUNTIME.md")
+    p.add_argument("--only", help="comma-separated substrings: run the variants naming one")
     opts = p.parse_args(argv)
     command = shlex.join(
         ["python", "benchmarks/bench_runtime.py", *(sys.argv[1:] if argv is None else argv)]
@@ -274,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in [m.strip() for m in opts.models.split(",") if m.strip()]:
         data.ensure_model(model)
         n = opts.images or {"small": 256, "vgg": 64}[model]
-        body += [*table(model, n, bench(model, n, opts.repeats)), ""]
+        only = [w.strip() for w in opts.only.split(",")] if opts.only else None
+        body += [*table(model, n, bench(model, n, opts.repeats, only)), ""]
         opts.output.write_text("\n".join([*lines, *body]))  # what is measured so far
     lines += [
         f"- command: `{command}`",

@@ -9,7 +9,7 @@ weights of the PyTorch rebuild), ``notebook``, ``keras``, ``ort_plain``, ``ort_a
 ``decode``, ``ov_plain`` / ``ov_plain_default`` (OpenVINO alone, f32 / its default
 precision), ``torch_gradcam`` (pytorch-grad-cam), or a convlens run: ``convlens``,
 ``convlens_noreport``, ``convlens_one`` (--cam gradcam --top-k 1 --no-report --save-maps),
-each also with ``_ort`` (--runtime onnxruntime).
+each also with ``_ov`` (--runtime openvino).
 """
 
 from __future__ import annotations
@@ -98,9 +98,9 @@ CONVLENS = {  # method: (report, RunOptions fields, note)
 
 
 def _convlens(method: str, model: Path, folder: Path, out: Path, R: int) -> m.Timing:
-    base = method.removesuffix("_ort")
+    base = method.removesuffix("_ov")
     report, options, note = CONVLENS[base]
-    options = options | ({"runtime": "onnxruntime"} if method.endswith("_ort") else {})
+    options = options | ({"runtime": "openvino"} if method.endswith("_ov") else {})
     extra: dict = {}
 
     def once() -> int:
@@ -118,7 +118,7 @@ def torch_weights(model: str) -> Path:
 
 METHODS = ("notebook", "keras", "ort_plain", "ort_analysis", "decode", "ov_plain")
 METHODS += ("ov_plain_default", "torch_gradcam")
-METHODS += tuple(k + s for k in CONVLENS for s in ("", "_ort"))
+METHODS += tuple(k + s for k in CONVLENS for s in ("", "_ov"))
 
 
 def _prepare(args: argparse.Namespace) -> dict:

@@ -62,8 +62,7 @@ class Inference:
         try:
             self.proto = onnx.load(str(plan.model_path))  # loaded once, pruned per session
             model = with_stats(self.proto, plan.spec, keep=self.names, rows=plan.stats_every > 1)
-            probe = probe_feeds(self.proto, plan)  # --runtime auto's timed probe on the CPU
-            self.session = open_session(model, plan.device, plan.threads, plan.runtime, probe=probe)
+            self.session = open_session(model, plan.device, plan.threads, plan.runtime)
         except (DeviceError, DecodeError, OSError) as exc:
             raise RunError(str(exc).splitlines()[0]) from exc
         except RuntimeError as exc:  # onnxruntime's own load failures (Fail, InvalidGraph)
@@ -301,19 +300,6 @@ class Inference:
 
 def _fractions(curve: np.ndarray) -> np.ndarray:
     return np.linspace(0.0, 1.0, len(curve))
-
-
-def probe_feeds(proto: object, plan: RunPlan, n: int = 8) -> dict[str, np.ndarray]:
-    """Inputs like a batch's for --runtime auto's probe: ``min(n, batch size)`` seeded
-    random images (the graph's cost does not depend on the pixel values) and, where the
-    graph takes them, the run's targets."""
-    inp = plan.spec.input
-    k = min(n, plan.batch_size)
-    shape = (k, inp.height, inp.width, inp.channels)
-    feeds = {C.IN_IMAGE: np.random.default_rng(0).random(shape, dtype=np.float32)}
-    if any(i.name == C.IN_TARGETS for i in proto.graph.input):  # type: ignore[attr-defined]
-        feeds[C.IN_TARGETS] = plan.targets(k)
-    return feeds
 
 
 def _first(exc: BaseException) -> str:

@@ -50,9 +50,9 @@ class RunOptions:
     runtime: str = field(
         default="auto",
         metadata=_doc(
-            "What runs the graph: auto is onnxruntime on CUDA, and on the CPU OpenVINO "
-            "where it is installed (the [openvino] extra) and compiles the graph, else "
-            "onnxruntime.",
+            "What runs the graph: openvino (CPU only, the [openvino] extra) or "
+            "onnxruntime; auto is onnxruntime, measured the faster in float32 here "
+            "(README: Benchmarks).",
             choices=RUNTIMES,
         ),
     )

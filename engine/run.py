@@ -72,7 +72,6 @@ class RunSummary:
     seconds: float
     device: str
     runtime: str = "onnxruntime"  # what ran the graph: onnxruntime or openvino
-    runtime_choice: str = ""  # --runtime auto on the CPU: the timed probe's times
     notes: list[str] = field(default_factory=list)
     #: --metrics: per CAM method, the mean of every score over the scored images
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +103,6 @@ class RunSummary:
             "images_per_second": round(self.images_per_second, 2),
             "device": self.device,
             "runtime": self.runtime,
-            **({"runtime_choice": self.runtime_choice} if self.runtime_choice else {}),
             **({"metrics": self.metrics} if self.metrics else {}),
         }
 
@@ -208,7 +206,6 @@ class Runner:
             seconds=time.perf_counter() - t0,
             device=inference.device,
             runtime=inference.session.runtime,
-            runtime_choice=inference.session.choice,
             notes=notes,
             metrics=metric_summary(records),
         )

@@ -8,12 +8,13 @@ onnxruntime-gpu's multi-line noise) and the runtime:
   inputs from pinned host memory; on the CPU through ``InferenceSession.run`` (binding
   bought nothing there: ``benchmarks/bench_runtime.py``).
 - ``openvino`` (the ``[openvino]`` extra, :mod:`convlens.engine.runtime_ov`): CPU only.
-- ``auto``: onnxruntime on CUDA.  On the CPU, where OpenVINO is installed and compiles the
-  graph, a short timed probe (:func:`faster`) on the caller's own input shapes runs
-  OpenVINO only where it is clearly faster: in float32 it was not on this project's
-  benchmark models and CPU (its lead over onnxruntime there comes from bf16, which convlens
-  does not use; README, Benchmarks), but CPUs differ.  Without a probe input, or without OpenVINO,
-  onnxruntime; when OpenVINO is installed but cannot serve the graph, a one-line reason.
+- ``auto``: onnxruntime, on CUDA and on the CPU.  Measured (``benchmarks/bench.py`` rows
+  3/3v and 4/4v, ``benchmarks/bench_runtime.py``; README, Benchmarks): in float32
+  OpenVINO ran the plain exports about as fast as onnxruntime and the analysis graph
+  (gradients, statistics) slower, in isolation and in whole runs; its lead in the issue's
+  figures came from its bf16 default, which moves CAM gradients by per cents.  A timed
+  probe at start was tried and dropped: on a shared machine the same call varied 2x, so
+  it chose at random and cost a second or more.
 
 Every session answers :meth:`Session.run` ``(names, feeds) -> arrays`` the same way.
 """
@@ -25,7 +26,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +48,6 @@ class Session(ABC):
         self.runtime = runtime  # "onnxruntime" or "openvino"
         self.device = device  # "cuda" or "cpu"
         self.note = note  # one line to tell the user (e.g. the CUDA fallback), or None
-        self.choice = ""  # --runtime auto: how the runtime was chosen (run.json)
 
     @property
     @abstractmethod
@@ -153,7 +152,6 @@ def open_session(
     threads: int | None = None,
     runtime: str = "onnxruntime",
     bind: bool | None = None,
-    probe: dict[str, np.ndarray] | None = None,
 ) -> Session:
     """A session on ``device`` ("auto", "cuda" or "cpu") run by ``runtime`` ("auto",
     "onnxruntime" or "openvino").
@@ -161,8 +159,7 @@ def open_session(
     ``auto`` device uses CUDA only where it really loads, else says one line and uses the
     CPU; ``cuda`` fails with one line when CUDA does not load.  ``auto`` runtime: see the
     module docstring.  ``bind``: onnxruntime batches through I/O binding (default: on
-    CUDA only).  ``probe``:
-    feeds like the run's (a few images) for ``auto``'s timed probe on the CPU.
+    CUDA only).
     """
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}: choose auto, cuda or cpu")
@@ -176,7 +173,7 @@ def open_session(
         return open_openvino(model, threads, None)
     src = model if isinstance(model, bytes) else str(model)
     if device == "cpu":
-        return _cpu(src, threads, None, runtime, bind, probe)
+        return _cpu(src, threads, None, bind)
     import onnxruntime as ort
 
     opts = session_options(threads)
@@ -185,7 +182,7 @@ def open_session(
         if device == "cuda":
             raise DeviceError(f"CUDA not available ({reason})")
         note = f"CUDA not available ({reason}); using CPU"
-        return _cpu(src, threads, note, runtime, bind, probe)
+        return _cpu(src, threads, note, bind)
     with _captured_stderr() as log:
         try:
             sess = ort.InferenceSession(
@@ -201,58 +198,12 @@ def open_session(
     if device == "cuda":
         raise DeviceError(f"CUDA not available ({reason})")
     note = f"CUDA not available ({reason}); using CPU"
-    return _cpu(src, threads, note, runtime, bind, probe)
+    return _cpu(src, threads, note, bind)
 
 
-def _cpu(
-    src: str | bytes,
-    threads: int | None,
-    note: str | None,
-    runtime: str,
-    bind: bool | None,
-    probe: dict[str, np.ndarray] | None,
-) -> Session:
-    """A CPU session: for ``auto``, the faster of OpenVINO and onnxruntime on ``probe``
-    where OpenVINO serves the graph, else onnxruntime."""
+def _cpu(src: str | bytes, threads: int | None, note: str | None, bind: bool | None) -> Session:
+    """An onnxruntime CPU session."""
     import onnxruntime as ort
 
-    ov = None
-    if runtime == "auto" and probe is not None:
-        from .runtime_ov import openvino_or_reason
-
-        ov, why = openvino_or_reason(src, threads, note)
-        if why is not None:  # installed, but cannot serve this graph
-            note = f"{note}; " if note else ""
-            note += f"OpenVINO cannot run this graph ({why}); using onnxruntime"
     sess = ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
-    cpu = OrtSession(sess, "cpu", note, bool(bind))
-    if ov is None or probe is None:
-        return cpu
-    return faster(cpu, ov, probe)
-
-
-#: how much faster than the default (onnxruntime) the other runtime must be in the probe
-MARGIN = 0.9
-
-
-def faster(a: Session, b: Session, feeds: dict[str, np.ndarray], rounds: int = 2) -> Session:
-    """``b`` if it runs ``feeds`` in at most :data:`MARGIN` of ``a``'s time, else ``a`` (the
-    default; the probe is noisy on a shared machine and ties are not worth a switch): one
-    untimed warm-up each, then ``rounds`` timed calls each, alternating (load falls on
-    both alike), the best time of each compared.  The winner's ``choice`` says the times."""
-    names = {a: a.output_names, b: b.output_names}
-    best = {a: float("inf"), b: float("inf")}
-    for s in (a, b):
-        s.run(names[s], feeds)
-    for _ in range(rounds):
-        for s in (a, b):
-            t0 = time.perf_counter()
-            s.run(names[s], feeds)
-            best[s] = min(best[s], time.perf_counter() - t0)
-    win, lose = (b, a) if best[b] <= MARGIN * best[a] else (a, b)
-    n = len(next(iter(feeds.values())))
-    win.choice = (
-        f"auto: {win.runtime} {best[win] * 1000:.0f} ms against {lose.runtime} "
-        f"{best[lose] * 1000:.0f} ms for {n} images (timed probe)"
-    )
-    return win
+    return OrtSession(sess, "cpu", note, bool(bind))

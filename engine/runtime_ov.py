@@ -118,19 +118,6 @@ def open_openvino(model: str | Path | bytes, threads: int | None, note: str | No
         raise DeviceError(f"OpenVINO cannot run this graph ({_first(exc)})") from exc
 
 
-def openvino_or_reason(
-    model: str | Path | bytes, threads: int | None, note: str | None
-) -> tuple[OvSession | None, str | None]:
-    """``--runtime auto`` on the CPU: (the OpenVINO session, None), or (None, why not);
-    why is None when OpenVINO is simply not installed."""
-    if not available():
-        return None, None
-    try:
-        return OvSession(compile_model(model, threads), note), None
-    except RuntimeError as exc:
-        return None, _first(exc)
-
-
 _NOISE = re.compile(
     r"^(Exception from |Check '.*' failed at |FrontEnd API failed|Summary:|To facil)"
 )

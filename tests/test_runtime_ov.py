@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from convlens.engine import contract as C
-from convlens.engine.images import Preprocessor, read_image
 from convlens.engine.outdir import read_results
-from convlens.engine.plan import RunOptions, RunPlan
+from convlens.engine.plan import RunOptions
 from convlens.engine.run import run
 from convlens.engine.runtime import DeviceError, open_session
 from convlens.engine.runtime_ov import available
@@ -102,28 +99,13 @@ def test_zoo_same_on_both_runtimes(
     assert assert_same_results(dirs) > 0
 
 
-def test_auto_on_cpu_probes_both(demo_model: tuple[Path, Path]) -> None:
-    """auto on the CPU with probe inputs: the faster runtime, the times said; without
-    probe inputs: onnxruntime."""
-    model, photos = demo_model
-    x = analysis_batch(model, photos)
-    plan = RunPlan.build(model)
-    feeds = {C.IN_IMAGE: x, C.IN_TARGETS: plan.targets(len(x))}
-    s = open_session(model, "cpu", runtime="auto", probe=feeds)
-    other = ({"onnxruntime", "openvino"} - {s.runtime}).pop()
-    assert re.fullmatch(
-        rf"auto: {s.runtime} \d+ ms against {other} \d+ ms for {len(x)} images \(timed probe\)",
-        s.choice,
-    ), s.choice
-    assert s.note is None and s.device == "cpu"
-    plain = open_session(model, "cpu", runtime="auto")
-    assert (plain.runtime, plain.choice, plain.note) == ("onnxruntime", "", None)
-
-
-def analysis_batch(model: Path, photos: Path) -> np.ndarray:
-    spec = C.read_spec(model)
-    pre = Preprocessor(spec.input, spec.preprocess)
-    return np.stack([pre(read_image(p)) for p in sorted(photos.rglob("*.jpg"))[:4]])
+def test_auto_is_onnxruntime(demo_model: tuple[Path, Path]) -> None:
+    """auto runs onnxruntime on the CPU even with OpenVINO installed (measured the faster in
+    float32: README, Benchmarks); OpenVINO only when asked for."""
+    model, _ = demo_model
+    s = open_session(model, "cpu", runtime="auto")
+    assert (s.runtime, s.device, s.note) == ("onnxruntime", "cpu", None)
+    assert open_session(model, "cpu", runtime="openvino").runtime == "openvino"
 
 
 def _scaler_model() -> bytes:
@@ -142,16 +124,13 @@ def _scaler_model() -> bytes:
     return bytes(m.SerializeToString())
 
 
-def test_auto_falls_back_with_the_reason() -> None:
+def test_openvino_refuses_in_one_line() -> None:
+    """A graph OpenVINO cannot convert: --runtime openvino says which op, in one line;
+    onnxruntime runs it (y = 2x)."""
     model = _scaler_model()
-    probe = {"x": np.ones((2, 4), np.float32)}
-    s = open_session(model, "cpu", runtime="auto", probe=probe)
-    assert s.runtime == "onnxruntime"
-    assert s.note == (
-        "OpenVINO cannot run this graph (no conversion for ai.onnx.ml.Scaler); using onnxruntime"
-    )
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    np.testing.assert_array_equal(s.run(["y"], {"x": x})[0], 2 * x)
     with pytest.raises(DeviceError) as err:
         open_session(model, "cpu", runtime="openvino")
     assert str(err.value) == "OpenVINO cannot run this graph (no conversion for ai.onnx.ml.Scaler)"
+    s = open_session(model, "cpu", runtime="auto")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(s.run(["y"], {"x": x})[0], 2 * x)
