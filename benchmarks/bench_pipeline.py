@@ -18,7 +18,8 @@ over it), peak RSS, OUTDIR size per image and the ratios to the first configurat
 * ``stats_every``: ``--stats-every K``
 * ``workers`` / ``threads``: decode threads and onnxruntime intra-op threads
 
-``--stats-check K`` instead compares ``--stats-every K`` with exact statistics, and
+``--costs`` instead times decoding (full and fast) and the session with and without
+statistics in isolation (ms per image); ``--stats-check K`` compares ``--stats-every K`` with exact statistics, and
 ``--decode-check`` compares the fast decode with the full one on the images:
 max and mean absolute difference of the model input, top-1 agreement and the
 correlation of the top-1 Grad-CAM/CAM maps.
@@ -196,6 +197,60 @@ def stats_check(model: str, images: str, every: int) -> dict[str, Any]:
     return out
 
 
+def costs(model: str, images: str, repeats: int) -> dict[str, float]:
+    """ms per image, median over ``repeats``, interleaved: decoding + preprocessing a
+    photo (CPU time, one thread) full and with --fast-decode; the main session on one
+    thread for a batch of 16 with statistics over every image, none, and 2 rows of 16
+    (--stats-every 8's share)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from convlens.engine import contract as C
+    from convlens.engine.decode import DISPLAY_MIN
+    from convlens.engine.graph import STATS_PREFIX, STATS_ROWS, with_stats
+    from convlens.engine.images import Preprocessor, discover, read_image_shrunk
+    from convlens.engine.infer import main_outputs
+    from convlens.engine.plan import RunOptions, RunPlan
+
+    plan = RunPlan.build(model, RunOptions(device="cpu"))
+    spec = plan.spec
+    pre = Preprocessor(spec.input, spec.preprocess)
+    files = discover([images]).files[:64]
+    side = max(spec.input.height, spec.input.width)
+    shrink = {"decode full": None, "decode fast": (side, DISPLAY_MIN)}
+    proto = onnx.load(model)
+    names = main_outputs(plan)
+    plain = [n for n in names if not n.startswith(STATS_PREFIX)]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+
+    def session(rows: bool) -> ort.InferenceSession:
+        graph = with_stats(proto, spec, keep=names, rows=rows)
+        return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+
+    every, sampled = session(False), session(True)
+    x = np.random.default_rng(0).random((16, spec.input.height, spec.input.width, 3))
+    feeds = {C.IN_IMAGE: (x * 255).astype(np.float32), C.IN_TARGETS: plan.targets(16)}
+    runs = {
+        "session, stats every image": (every, names, feeds),
+        "session, no stats": (sampled, plain, feeds | {STATS_ROWS: np.array([0])}),
+        "session, stats on 2 of 16": (sampled, names, feeds | {STATS_ROWS: np.array([3, 11])}),
+    }
+    got: dict[str, list[float]] = {k: [] for k in (*shrink, *runs)}
+    for _ in range(repeats):
+        for k, sh in shrink.items():
+            t0 = time.process_time()
+            for f in files:
+                pre(read_image_shrunk(f, 0, sh)[0])
+            got[k].append((time.process_time() - t0) / len(files) * 1e3)
+        for k, (sess, outs, fd) in runs.items():
+            t0 = time.perf_counter()
+            sess.run(outs, fd)
+            got[k].append((time.perf_counter() - t0) / 16 * 1e3)
+    return {k: round(statistics.median(v), 2) for k, v in got.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("model")
@@ -206,10 +261,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--decode-check", action="store_true")
     ap.add_argument("--stats-check", type=int, metavar="K")
+    ap.add_argument("--costs", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print("RESULT " + json.dumps(one(a.model, a.images, json.loads(a.one))))
+        return
+    if a.costs:
+        print(json.dumps(costs(a.model, a.images, a.repeats), indent=1))
         return
     if a.stats_check:
         print(json.dumps(stats_check(a.model, a.images, a.stats_check), indent=1))
