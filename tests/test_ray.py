@@ -101,8 +101,21 @@ def on_ray(
 
     out = tmp_path_factory.mktemp("ray_run")
     said: list[str] = []
+    events: list[Any] = []
     opts = options(ray=cluster, ray_unit=5)
-    result = analyze(demo_model[0], [str(inputs)], out, opts, grid_sample=4, warn=said.append)
+    result = analyze(
+        demo_model[0],
+        [str(inputs)],
+        out,
+        opts,
+        grid_sample=4,
+        warn=said.append,
+        progress=events.append,
+    )
+    # progress as in a local run: after every merged unit, up to every input to do
+    done = [e.done for e in events]
+    assert done == sorted(done) and len(done) >= 2
+    assert events[-1].done == events[-1].total and all(e.rate > 0 for e in events)
     assert result.report is not None and result.report.exists()
     assert result.summary.failed == 3 and result.summary.ok == 15 * COPIES
     return out, said
