@@ -128,12 +128,7 @@ class RayRunner(Runner):
         done.update((p.id, p) for p in problems)
         todo = [str(f) for f in found.files if image_id(f) not in done]
         settings = plan.settings(inputs)
-        self.dir.write_run_json(plan.model_path, plan.spec, settings, self.fingerprint, None)
-        for s in self.sinks:
-            s.open(self.outdir, plan.spec, settings)
-            expect = getattr(s, "expect", None)
-            if expect is not None:
-                expect(order, {i: r for i, r in done.items() if r.ok})
+        self._start(settings, order, done)
         pool.setup = WorkerSetup(
             model_path=str(plan.model_path),
             options=self.options,  # made one actor's by the pool

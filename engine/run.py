@@ -174,12 +174,7 @@ class Runner:
 
         todo = [f for f in found.files if image_id(f) not in done]
         settings = plan.settings(inputs)
-        self.dir.write_run_json(plan.model_path, plan.spec, settings, self.fingerprint, None)
-        for s in self.sinks:
-            s.open(self.outdir, plan.spec, settings)
-            expect = getattr(s, "expect", None)
-            if expect is not None:
-                expect(order, {i: r for i, r in done.items() if r.ok})
+        self._start(settings, order, done)
         shard = _Shard(self.dir.next_shard_seq())
         pool = DecodePool(plan, keep_images=bool(self.sinks))
         processed = 0
@@ -210,6 +205,17 @@ class Runner:
             metrics=metric_summary(records),
         )
         return self._finish(summary, settings)
+
+    def _start(self, settings: dict[str, Any], order: list[str], done: dict[str, Record]) -> None:
+        """run.json without a summary, and the sinks opened, each told the run's input
+        order and the ok records already done (a local run's start, and a Ray run's)."""
+        plan = self.plan
+        self.dir.write_run_json(plan.model_path, plan.spec, settings, self.fingerprint, None)
+        for s in self.sinks:
+            s.open(self.outdir, plan.spec, settings)
+            expect = getattr(s, "expect", None)
+            if expect is not None:
+                expect(order, {i: r for i, r in done.items() if r.ok})
 
     def _finish(self, summary: RunSummary, settings: dict[str, Any]) -> RunSummary:
         """stats.json and class_cams.npz from the shards, run.json with the summary,
