@@ -6,7 +6,11 @@ For each model, one ``convlens run`` (the Python API, as the CLI calls it) with 
 method the model serves (``--cam`` all the ids of :data:`convlens.engine.cams.METHODS`
 that :func:`~convlens.engine.cams.availability` allows: methods added to the registry
 appear here by themselves) and ``--metrics all``; the table is read back from run.json's
-``summary.metrics`` (the per-method means), its columns from the metric registry.
+``summary.metrics`` (the per-method means), its columns from the metric registry.  The
+last column is each method's cost in milliseconds per image on the same photos, measured
+as ``bench_methods.py cams`` measures it (:func:`bench_cams.cam_costs`: the method alone
+on the analysis graph's tensors, with the network passes of the perturbation methods;
+the methods that run the whole model on the first 4 photos, once).
 
 Models:
 
@@ -151,13 +155,23 @@ def accuracy(outdir: Path) -> str:
     return f"{sum(t == r.label_index for t, r in zip(top, recs, strict=True))}/{len(recs)}"
 
 
-def markdown(runs: dict[str, dict[str, Any]]) -> str:
-    """One row per (model, method): the means of every score the registry declares."""
+def costs(model: Path, photos: Path) -> dict[str, float]:
+    """Milliseconds per image of each method on these photos (bench_cams.cam_costs)."""
+    from bench_cams import cam_costs
+    from bench_methods import preloaded
+
+    files = sorted(p for p in photos.rglob("*") if p.is_file())
+    return cam_costs(model, preloaded(model, files), repeats=3, slow_images=4).ms
+
+
+def markdown(runs: dict[str, dict[str, Any]], cost_ms: dict[str, dict[str, float]]) -> str:
+    """One row per (model, method): the means of every score the registry declares, and
+    the method's cost per image."""
     from convlens.reports.data import method_label
     from convlens.reports.faithfulness import method_order, score_columns
 
     cols = score_columns()
-    head = ["model", "method", *(f"{c.label} {c.arrow}" for c in cols), "images"]
+    head = ["model", "method", *(f"{c.label} {c.arrow}" for c in cols), "images", "ms/image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, doc in runs.items():
         summary = doc["summary"]
@@ -166,6 +180,8 @@ def markdown(runs: dict[str, dict[str, Any]]) -> str:
             row = [name, method_label(m)]
             row += [f"{ms[m][c.key]:.3f}" if c.key in ms[m] else "—" for c in cols]
             row.append(str(ms[m].get("n", "")))
+            cost = cost_ms.get(name, {}).get(m)
+            row.append("—" if cost is None else f"{cost:.3g}")
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -175,14 +191,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="demo,mobilenetv2", help=", ".join(CASES))
     p.add_argument("--sample", type=int, default=None, help="--metrics-sample N [every image]")
     p.add_argument("--work", type=Path, default=WORK, help=f"cache and run folders [{WORK}]")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in --work (the engine resumes them: a finished one "
+        "is not recomputed) [default: fresh runs]",
+    )
     args = p.parse_args(argv)
     runs: dict[str, dict[str, Any]] = {}
+    cost_ms: dict[str, dict[str, float]] = {}
     for name in args.models.split(","):
         if name not in CASES:
             p.error(f"unknown model {name!r}: choose from {', '.join(CASES)}")
         model, photos = CASES[name](args.work)
         out = args.work / f"run-{name}"
-        shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resumed one
+        if not args.resume:
+            shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resumed one
         t0 = time.perf_counter()
         doc = score(model, photos, out, args.sample)
         s = doc["summary"]
@@ -193,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         runs[name] = doc
-    print(markdown(runs))
+        cost_ms[name] = costs(model, photos)
+    print(markdown(runs, cost_ms))
 
 
 if __name__ == "__main__":
