@@ -128,7 +128,7 @@ class Inference:
         else:
             classes = targets.copy()
             classes[:, : plan.top_k] = order[:, : plan.top_k]
-        acts = out[spec.cam_output] if spec.cam_output else None
+        acts = out.get(spec.cam_output) if spec.cam_output else None  # absent: no method
         inputs = CAMInputs(
             acts=acts,  # type: ignore[arg-type]
             classes=classes,

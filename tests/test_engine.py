@@ -898,3 +898,15 @@ def test_shards_and_records_agree_after_damage(tmp_path: Path) -> None:
         assert _comparable(out) == _comparable(clean), name
         with np.load(out / "class_cams.npz") as z, np.load(clean / "class_cams.npz") as c:
             np.testing.assert_array_equal(z["counts"], c["counts"], err_msg=name)
+
+
+def test_run_with_no_cam_method(tmp_path: Path, demo_model: tuple[Path, Path]) -> None:
+    """cam_methods=[]: predictions and statistics, no map (the CAM tensor is not asked)."""
+    from convlens.engine.outdir import read_results
+    from convlens.engine.run import RunOptions, run
+
+    model, photos = demo_model
+    s = run(model, [str(photos)], tmp_path / "o", RunOptions(cam_methods=[]), progress=False)
+    recs = [r for r in read_results(tmp_path / "o").records if r.ok]
+    assert s.processed == len(recs) == 15
+    assert all(r.predictions and r.cam_methods == [] for r in recs)
