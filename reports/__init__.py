@@ -7,7 +7,8 @@ still running) OUTDIR into ``index.html``, ``model.html`` and ``images/<id>.html
 
 from pathlib import Path
 
-from .assets import ReportAssetSink, clean_assets
+from .assets import ReportAssetSink
+from .layout import clean_assets
 from .render import clean_report, render_report
 
 __all__ = ["ReportAssetSink", "clean", "render_report"]

@@ -32,7 +32,6 @@ from convlens.engine.outdir import (
     read_run_json,
 )
 
-from .assets import safe_id
 from .compare_figures import LayerDelta, layer_delta, pearson_r, top_iou
 from .data import (
     AssetIndex,
@@ -44,6 +43,7 @@ from .data import (
     read_run,
     read_stats,
 )
+from .layout import safe_id
 from .pages import class_names
 
 _NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)

@@ -22,7 +22,6 @@ from convlens import __version__
 from convlens.engine.outdir import RESULTS
 from convlens.engine.results import refuse_links
 
-from .assets import list_dir
 from .compare import (
     FAILED,
     FLIP_ORDER,
@@ -44,6 +43,7 @@ from .imaging import (
     legend_bar,
     write_if_changed,
 )
+from .layout import list_dir
 from .pages import IMAGES_DIR
 from .render import STATIC, make_env
 

@@ -22,7 +22,8 @@ from convlens.engine.outdir import (
     read_run_json,
 )
 
-from .assets import (
+from .formatting import compress_ranges
+from .layout import (
     ASSETS_DIR,
     ASSETS_JSON,
     CAMS_DIR,
@@ -33,7 +34,6 @@ from .assets import (
     list_dir,
     safe_id,
 )
-from .formatting import compress_ranges
 
 # the run directory's file names come from the module that owns that contract (OUTDIR.md)
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from convlens.engine.cams import METHODS
 
-from .assets import ASSETS_DIR, cam_file_name, grid_file_name
 from .context import Rendered, ReportContext
 from .data import AssetIndex, ImageEntry, LayerStats, method_label
 from .faithfulness import Faithfulness, image_faithfulness
 from .imaging import GRID_COLS, grid_shape
+from .layout import ASSETS_DIR, cam_file_name, grid_file_name
 
 IMAGES_DIR = "images"
 

@@ -16,13 +16,13 @@ import numpy as np
 
 from convlens.engine.outdir import CLASS_CAMS
 
-from .assets import ASSETS_DIR, CLASS_CAMS_DIR
 from .charts import HBarChart, dead_channels
 from .context import Rendered, ReportContext
 from .data import LayerStats, OutputRow, RunInfo, outputs_table
 from .faithfulness import Faithfulness, run_faithfulness
 from .formatting import flatten
 from .imaging import CAM_COLORMAP, encode_image, normalise_map, write_if_changed
+from .layout import ASSETS_DIR, CLASS_CAMS_DIR
 
 CLASS_CAM_SIDE = 128
 

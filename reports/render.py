@@ -20,13 +20,7 @@ from convlens import __version__
 from convlens.engine.outdir import RESULTS
 from convlens.engine.results import refuse_links
 
-from .assets import (
-    ASSETS_DIR,
-    CLASS_CAMS_DIR,
-    LOW_CONFIDENCE,
-    REPORT_PATHS,
-    clean_temporaries,
-)
+from .assets import LOW_CONFIDENCE
 from .data import (
     AssetIndex,
     list_dir,
@@ -45,6 +39,7 @@ from .imaging import (
     legend_bar,
     write_if_changed,
 )
+from .layout import ASSETS_DIR, CLASS_CAMS_DIR, REPORT_PATHS, clean_temporaries
 from .pages import (
     IMAGES_DIR,
     NAV,

@@ -22,6 +22,7 @@ from convlens.engine.sinks import ImageOutcome
 from convlens.reports import ReportAssetSink, render_report
 from convlens.reports import assets as A
 from convlens.reports import imaging as I
+from convlens.reports import layout as L
 
 from report_fixtures import ODD_CLASS, XSS_NAME, FakeRun, make_fake_run
 
@@ -542,8 +543,8 @@ def test_grid_policy_sample(tmp_path: Path) -> None:
     got = _drive(tmp_path, "sample", 2, _policy_records())
     assert got == {f"{i:016x}" for i in (0, 2, 4, 5, 6)}
     layer_files = sorted(p.name for p in (tmp_path / "assets" / "grids" / f"{0:016x}").iterdir())
-    assert layer_files == sorted([A.grid_file_name("l1"), A.grid_file_name("weird/name")])
-    assert "/" not in A.grid_file_name("weird/name")
+    assert layer_files == sorted([L.grid_file_name("l1"), L.grid_file_name("weird/name")])
+    assert "/" not in L.grid_file_name("weird/name")
 
 
 def test_grid_policy_all_and_none(tmp_path: Path) -> None:
@@ -743,13 +744,13 @@ def test_css_overlay_opacity_matches_overlay_alpha() -> None:
 
 
 def test_safe_names() -> None:
-    assert A.safe_id("3f2a0011deadbeef") == "3f2a0011deadbeef"
+    assert L.safe_id("3f2a0011deadbeef") == "3f2a0011deadbeef"
     for hostile in ("../../etc/passwd", "a/b", ".hidden", "<img>", "", "x" * 300):
-        s = A.safe_name(hostile)
+        s = L.safe_name(hostile)
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", s), s
         assert len(s) <= 64
-    assert A.safe_name("a/b") != A.safe_name("a_b")
-    assert A.safe_name("block1_conv1") == "block1_conv1"
+    assert L.safe_name("a/b") != L.safe_name("a_b")
+    assert L.safe_name("block1_conv1") == "block1_conv1"
 
 
 def test_damaged_files_are_named_on_every_page(fake: FakeRun, tmp_path: Path) -> None:
