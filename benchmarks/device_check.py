@@ -188,6 +188,7 @@ def speed(name: str, model: Path, x: np.ndarray, folder: Path, out: Path, repeat
             res[f"{g} graph alone, {'I/O binding' if bind else 'run()'}"] = rate(
                 go, len(x), repeats
             )
+        res.update(graph_replay(g, proto, outs, x, plan, repeats))
     t0 = time.perf_counter()
     preprocessed(model, sorted(folder.iterdir()))
     res["decode alone, 1 thread (D1)"] = len(list(folder.iterdir())) / (time.perf_counter() - t0)
@@ -202,6 +203,38 @@ def speed(name: str, model: Path, x: np.ndarray, folder: Path, out: Path, repeat
             rates.append(s.images_per_second)
         res[f"convlens run {label}"] = statistics.median(rates)
     return res
+
+
+def graph_replay(g: str, proto: bytes, outs: list[str], x: np.ndarray, plan, repeats: int) -> dict:
+    """Full batches through FixedBinder (CUDA graph on CUDA): img/s, and whether its
+    outputs match a plain session's (allclose 1e-4); the error if it fails."""
+    from convlens.engine.runtime import open_session
+    from convlens.engine.runtime_bind import FixedBinder
+
+    key = f"{g} graph alone, fixed buffers (CUDA graph)"
+    n = len(x) // BATCH * BATCH
+    if n == 0:
+        return {}
+    plain = open_session(proto, TARGET[0], runtime="onnxruntime")
+    inp = plain.input_names[0]
+    batches = [x[i : i + BATCH] for i in range(0, n, BATCH)]
+    feeds = [_feeds(plain, b, plan) if g == "analysis" else {inp: b} for b in batches]
+    try:
+        fixed = FixedBinder(proto, outs, feeds[0], TARGET[0])
+        same = all(
+            np.allclose(a, b, rtol=1e-4, atol=1e-5)
+            for f in feeds[:2]
+            for a, b in zip(fixed.run(f), plain.run(outs, f), strict=True)
+        )
+
+        def go() -> None:
+            for f in feeds:
+                fixed.run(f)
+
+        return {key: rate(go, n, repeats), key + ": outputs match": float(same)}
+    except Exception as exc:  # a measurement: say why it failed, go on with the check
+        print(f"{key}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        return {key + ": failed": 0.0}
 
 
 def image_folder(files: list[Path], out: Path, n: int) -> Path:

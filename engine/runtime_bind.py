@@ -90,3 +90,48 @@ class PinnedInputs:
             self.buffers[key] = buf
         np.copyto(buf, arr)
         return buf
+
+
+class FixedBinder:
+    """Batches of one fixed shape through buffers bound once: inputs and outputs live in
+    fixed buffers on ``device``, updated in place, as CUDA graph replay requires
+    (onnxruntime's ``enable_cuda_graph``, set here on CUDA: the first run captures the
+    graph, later runs replay it without launching kernels one by one).
+
+    The output shapes are learnt from one run of ``example`` on a CPU session.  Measured
+    by benchmarks/device_check.py against plain binding; not used by runs yet (it has not
+    run on a GPU).  On the CPU the same code runs without the graph (tests).
+    """
+
+    def __init__(self, model: bytes, names: list[str], example: dict[str, np.ndarray], device: str):
+        import onnxruntime as ort
+
+        from .runtime import session_options
+
+        cpu = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+        shapes = [(o.shape, o.dtype) for o in cpu.run(names, example)]
+        where = "cuda" if device == "cuda" else "cpu"
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if where == "cuda":
+            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
+        self.session = ort.InferenceSession(model, session_options(), providers=providers)
+        self.names = names
+        self.inputs = {
+            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), where, 0)
+            for k, v in example.items()
+        }
+        self.outputs = [
+            ort.OrtValue.ortvalue_from_shape_and_type(list(s), d, where, 0) for s, d in shapes
+        ]
+        self.binding = self.session.io_binding()
+        for k, v in self.inputs.items():
+            self.binding.bind_ortvalue_input(k, v)
+        for n, v in zip(names, self.outputs, strict=True):
+            self.binding.bind_ortvalue_output(n, v)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs for ``feeds`` (the example's shapes), as host arrays."""
+        for k, v in feeds.items():
+            self.inputs[k].update_inplace(np.ascontiguousarray(v))
+        self.session.run_with_iobinding(self.binding)
+        return [v.numpy().copy() for v in self.outputs]

@@ -101,3 +101,23 @@ def test_auto_without_openvino_uses_onnxruntime(
     assert r.returncode == 0, r.stderr
     assert _one_line(r.stderr).endswith("img/s on cpu via onnxruntime"), r.stderr
     assert "OpenVINO" not in r.stderr
+
+
+def test_fixed_buffers_give_what_run_gives(demo_model: tuple[Path, Path]) -> None:
+    """FixedBinder (the CUDA-graph path's buffers, bound once and updated in place) on the
+    CPU provider: identical arrays to InferenceSession.run, batch after batch."""
+    from convlens.engine.runtime_bind import FixedBinder
+
+    model, photos = demo_model
+    graph, names, plan = default_graph(model)
+    batches = analysis_batches(model, photos, (5, 5, 5))
+    feeds = [{C.IN_IMAGE: x, C.IN_TARGETS: plan.targets(len(x))} for x in batches]
+    fixed = FixedBinder(graph, names, feeds[0], "cpu")
+    plain = open_session(graph, "cpu", runtime="onnxruntime")
+    first = fixed.run(feeds[1])
+    for f in (feeds[1], feeds[2], feeds[0]):
+        for n, a, b in zip(names, fixed.run(f), plain.run(names, f), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=n)
+    # results are copies: later batches do not overwrite them
+    for n, a, b in zip(names, first, plain.run(names, feeds[1]), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=n)
