@@ -185,7 +185,6 @@ def export_loaded(
         spec.source["preprocess_reason"] = pre_reason
         found = recognise(model)
         spec.source["family"] = found[0].name if found else None
-        cut_problem = tail_problem(proto, spec) if spec.cam_output else None
         images, source = parity_inputs(calibration, inp, pre, n_calibration, seed)
         proto.producer_name, proto.producer_version = "convlens", __version__
         del proto.metadata_props[:]
@@ -197,6 +196,8 @@ def export_loaded(
         chunks = stream_model(proto, converted.deferred, places)
         atomic_write_bytes(unchecked, chunks, durable=False)
         view = external_view(proto, converted.deferred, unchecked.name, places)
+        # every weight is an initializer here (external data): the tail check reads names
+        cut_problem = tail_problem(view, spec) if spec.cam_output else None
         atomic_write_bytes(parity_view, view.SerializeToString(), durable=False)
         del proto, converted, view
         parity = check_parity(
