@@ -117,7 +117,9 @@ def cut_tail(model: Any, spec: C.ModelSpec) -> TailGraph:
                 f"the predictions depend on {_readable(t)!r} other than through the CAM "
                 f"tensor of {spec.cam_layer} (a skip connection around it?)"
             )
-        node = producers[t]
+        node = producers.get(t)
+        if node is None:  # not a weight, not computed: a graph this cut cannot read
+            raise TailError(f"the graph neither computes nor holds {_readable(t)!r}")
         keep.add(id(node))
         stack.extend(node.input)
     nodes = [n for n in g.node if id(n) in keep]
