@@ -2,7 +2,8 @@
 Keras methods, so the onnxruntime and convlens rows are measured without it in memory.
 
 Rows (see bench.py): ``notebook`` (1), ``keras`` (2), ``ort_plain`` (3, rate I),
-``ort_analysis`` (3a), ``decode`` (D), ``convlens`` (4), ``convlens_noreport`` (4').
+``ort_analysis`` (3a), ``decode`` (D); the convlens rows (4, 4', 4g) and the peers are in
+bench_rivals.py.
 
 And, run as a script, the CAM methods (bench_cams.py: what each measures)::
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -300,39 +300,6 @@ def ort_batches(model: Path, x: np.ndarray) -> Callable[[], int]:
         return len(x)
 
     return go
-
-
-# ---------------------------------------------------------------------------------------
-# convlens run (4, 4')
-# ---------------------------------------------------------------------------------------
-
-
-def convlens_run(model: Path, folder: Path, outdir: Path, report: bool) -> tuple[int, dict]:
-    """Row 4: ``convlens run`` end to end via pipeline.analyze, into a fresh outdir."""
-    from convlens.engine.run import RunOptions
-    from convlens.pipeline import analyze
-
-    shutil.rmtree(outdir, ignore_errors=True)
-    warnings: list[str] = []
-    res = analyze(
-        model,
-        [str(folder)],
-        outdir,
-        RunOptions(device="cpu", force=True),
-        grids="sample",
-        report=report,
-        progress=False,
-        warn=warnings.append,
-    )
-    s = res.summary
-    if s.failed or warnings:
-        raise RuntimeError(f"convlens run: {s.line()}; {warnings[:3]}")
-    return s.processed, {"engine_img_s": round(s.images_per_second, 2), "outdir_mb": _mb(outdir)}
-
-
-def _mb(folder: Path) -> float:
-    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return round(total / 2**20, 1)
 
 
 # ---------------------------------------------------------------------------------------
