@@ -132,9 +132,7 @@ def top_eigenvectors(
             resid = np.linalg.norm(gv - rayleigh[:, None] * vec[todo], axis=1)
             done = resid <= np.sqrt(tol) * np.maximum(rayleigh, 1e-300)
             lam[todo[done]] = rayleigh[done]
-            done_idx = todo[done]
-            vec[todo] = gv / np.maximum(norm, 1e-300)[:, None]
-            vec[done_idx] = vec[done_idx]  # converged rows keep their vector
+            vec[todo] = gv / np.maximum(norm, 1e-300)[:, None]  # converged rows too
             todo = todo[~done]
             if not len(todo):
                 break

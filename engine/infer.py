@@ -263,8 +263,9 @@ class Inference:
         per_image: dict[tuple[str, int], np.ndarray] = {}
         for m, arr in maps.items():
             if arr.shape[1] == 1 and METHODS[m].class_agnostic:
+                one = arr[i, 0]  # the same array under every class (sinks copy it once)
                 for c in cls:
-                    per_image[(m, c)] = arr[i, 0]
+                    per_image[(m, c)] = one
             else:
                 for t, c in enumerate(classes[i].tolist()):
                     per_image.setdefault((m, int(c)), arr[i, t])

@@ -167,8 +167,6 @@ class _Causal(Metric):
     image width, RISE's 224 pixels per step at 224 x 224 (one row's worth of pixels).
     """
 
-    mode = ""
-
     def __init__(self, step: int | None = None, klen: int = 11, sigma: float = 5.0):
         self.step = step
         self.klen = klen
@@ -209,7 +207,6 @@ class Deletion(_Causal):
 
     name = "deletion"
     label = "Deletion AUC"
-    mode = "del"
     reference = "Petsiuk et al. 2018 (RISE evaluation.py, CausalMetric 'del', zero substrate)"
     higher_is_better = {"deletion": False}
     score_labels = {"deletion": "Deletion AUC"}
@@ -226,7 +223,6 @@ class Insertion(_Causal):
 
     name = "insertion"
     label = "Insertion AUC"
-    mode = "ins"
     reference = "Petsiuk et al. 2018 (RISE evaluation.py, CausalMetric 'ins', blur klen=11 sigma=5)"
     higher_is_better = {"insertion": True}
     score_labels = {"insertion": "Insertion AUC"}

@@ -251,7 +251,13 @@ class RunPlan:
             "classes": sorted(set(self.extra_classes)),
             "labels_from_dirs": self.labels_from_dirs,
             "save_maps": self.save_maps,
-            # only when asked: runs without --metrics keep their earlier fingerprint
+            **self._opt_in(),
+        }
+
+    def _opt_in(self) -> dict[str, Any]:
+        """The opt-in settings, only when asked: runs without them keep their earlier
+        fingerprint and settings."""
+        return {
             **({"stats_every": self.stats_every} if self.stats_every > 1 else {}),
             **({"fast_decode": True} if self.fast_decode else {}),
             **(
@@ -274,13 +280,7 @@ class RunPlan:
             "save_maps": self.save_maps,
             "max_pixels": self.max_pixels,
             "force": self.force,  # sinks start their own files over too
-            **({"stats_every": self.stats_every} if self.stats_every > 1 else {}),
-            **({"fast_decode": True} if self.fast_decode else {}),
-            **(
-                {"metrics": list(self.metrics), "metrics_sample": self.metrics_sample}
-                if self.metrics
-                else {}
-            ),
+            **self._opt_in(),
         }
 
 

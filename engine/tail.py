@@ -139,7 +139,7 @@ def cut_tail(model: Any, spec: C.ModelSpec) -> TailGraph:
     graph = helper.make_graph(nodes, "convlens_tail", inputs, outputs, initializer=weights)
     tail = helper.make_model(graph, opset_imports=list(model.opset_import))
     tail.ir_version = model.ir_version
-    return TailGraph(bytes(tail.SerializeToString()), tuple(used))
+    return TailGraph(tail.SerializeToString(), tuple(used))
 
 
 def tail_problem(model: Any, spec: C.ModelSpec) -> str | None:

@@ -85,7 +85,6 @@ from .imaging import (
     atomic_write_bytes,
     atomic_write_text,
     cam_levels_batch,
-    encode_image,
     encode_indexed_png,
     thumbnail,
     to_bgr,
@@ -281,7 +280,12 @@ class ReportAssetSink:
         # shrunk thumbnail, the small maps, and the activations only for a grid image
         t0 = time.perf_counter()
         thumb = to_bgr(thumbnail(to_uint8(outcome.image), self.thumb_size))
-        maps = {key: np.array(raw, np.float32) for key, raw in outcome.maps.items()}
+        # one copy per array: a class-agnostic map stands under each of its classes
+        copies: dict[int, np.ndarray] = {}
+        maps = {
+            key: copies.setdefault(id(raw), np.array(raw, np.float32))
+            for key, raw in outcome.maps.items()
+        }
         acts = {k: np.array(a) for k, a in outcome.activations.items()} if grids else {}
         self.timings["thumbs_overlays_s"] += time.perf_counter() - t0
         held = thumb.nbytes + sum(a.nbytes for a in (*maps.values(), *acts.values()))
@@ -312,11 +316,8 @@ class ReportAssetSink:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(grid_dir)
             for layer, act in activations.items():
-                img = activation_grid(act)
-                atomic_write_bytes(
-                    os.path.join(grid_dir, grid_file_name(layer)),
-                    encode_image(img, ".jpg", GRID_JPEG_QUALITY),
-                )
+                path = os.path.join(grid_dir, grid_file_name(layer))
+                write_image(path, activation_grid(act), GRID_JPEG_QUALITY)
             done |= {"grid_images": 1, "grid_files": len(activations)}
             done["grids_s"] = time.perf_counter() - t1
         return done

@@ -15,9 +15,9 @@ from typing import Any
 
 from .charts import HBarChart, Histogram, class_accuracy, confidence_histogram
 from .context import PageKind, Rendered, ReportContext
-from .data import ImageEntry, Results, RunInfo
+from .data import ImageEntry, Results, RunInfo, method_label
 from .faithfulness import Faithfulness, run_faithfulness
-from .imagepage import IMAGES_DIR, image_pages, method_label
+from .imagepage import IMAGES_DIR, image_pages
 from .layout import cam_file_name, safe_name
 from .modelpage import ClassCam, class_cam_images, model_pages
 from .summary import Summary, summarise
