@@ -298,7 +298,7 @@ NOT_ANALYSIS_HINT = (
 
 def read_spec(path: str | Path) -> ModelSpec:
     """Read the ModelSpec of an analysis ONNX file without loading its weights."""
-    import onnx
+    from . import onnxproto
 
     p = Path(path)
     if not p.exists():
@@ -308,7 +308,7 @@ def read_spec(path: str | Path) -> ModelSpec:
     if not p.is_file():  # a FIFO would block the open, a device never ends
         raise ContractError(f"{p}: not a regular file, not an ONNX file")
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = onnxproto.load(p, load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for non-ONNX input
         raise ContractError(
             f"{p}: not an ONNX file ({type(exc).__name__}); {NOT_ANALYSIS_HINT}"

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import contract as C
+from . import onnxproto as P
 
 STATS_PREFIX = "stats/"
 #: with_stats(rows=True): the graph input naming the batch rows the statistics cover
@@ -35,11 +36,9 @@ def stat_names(layer: str) -> tuple[str, str, str]:
 
 def _load(source: str | Path | Any) -> Any:
     """A ModelProto to modify: loaded from a path, or a copy of one already loaded."""
-    import onnx
-
     if isinstance(source, (str, Path)):
-        return onnx.load(str(source))
-    model = onnx.ModelProto()
+        return P.load(source)
+    model = P.ModelProto()
     model.CopyFrom(source)
     return model
 
@@ -101,21 +100,17 @@ def add_stats(model: Any, spec: C.ModelSpec, rows: bool = False) -> None:
     """Add ``stats/<layer>/{sum,max,zeros}`` outputs: per image and channel (N, k), the
     sum, the maximum and the number of exact zeros over all positions; with ``rows``,
     of the images ``Gather(act, STATS_ROWS, axis=0)`` picks."""
-    from onnx import TensorProto, helper, numpy_helper
-
     graph = model.graph
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
     producers = {o: n for n in graph.node for o in n.output}
     zero_name = "convlens_stats_zero"
-    graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), zero_name))
+    graph.initializer.append(P.from_array(np.array(0.0, np.float32), zero_name))
     for axes in ((1, 2), (2, 3)):
         graph.initializer.append(
-            numpy_helper.from_array(
-                np.array(axes, np.int64), f"convlens_stats_axes{axes[0]}{axes[1]}"
-            )
+            P.from_array(np.array(axes, np.int64), f"convlens_stats_axes{axes[0]}{axes[1]}")
         )
     if rows:
-        graph.input.append(helper.make_tensor_value_info(STATS_ROWS, TensorProto.INT64, ["m"]))
+        graph.input.append(P.make_tensor_value_info(STATS_ROWS, P.TensorProto.INT64, ["m"]))
     for out in spec.activation_outputs:
         assert out.layer is not None
         s_sum, s_max, s_zero = stat_names(out.layer)
@@ -127,20 +122,18 @@ def add_stats(model: Any, spec: C.ModelSpec, rows: bool = False) -> None:
         eq, cast = s_zero + "/eq", s_zero + "/cast"
         nodes = []
         if rows:
-            nodes.append(helper.make_node("Gather", [src, STATS_ROWS], [s_sum + "/rows"], axis=0))
+            nodes.append(P.make_node("Gather", [src, STATS_ROWS], [s_sum + "/rows"], axis=0))
             src = s_sum + "/rows"
         nodes += [
-            helper.make_node("ReduceSum", [src, axes_name], [s_sum], keepdims=0),
-            helper.make_node("Equal", [src, zero_name], [eq]),
-            helper.make_node("Cast", [eq], [cast], to=TensorProto.FLOAT),
-            helper.make_node("ReduceSum", [cast, axes_name], [s_zero], keepdims=0),
+            P.make_node("ReduceSum", [src, axes_name], [s_sum], keepdims=0),
+            P.make_node("Equal", [src, zero_name], [eq]),
+            P.make_node("Cast", [eq], [cast], to=P.TensorProto.FLOAT),
+            P.make_node("ReduceSum", [cast, axes_name], [s_zero], keepdims=0),
         ]
         if opset >= 18:
-            nodes.append(helper.make_node("ReduceMax", [src, axes_name], [s_max], keepdims=0))
+            nodes.append(P.make_node("ReduceMax", [src, axes_name], [s_max], keepdims=0))
         else:
-            nodes.append(helper.make_node("ReduceMax", [src], [s_max], axes=list(axes), keepdims=0))
+            nodes.append(P.make_node("ReduceMax", [src], [s_max], axes=list(axes), keepdims=0))
         graph.node.extend(nodes)
         for name in (s_sum, s_max, s_zero):
-            graph.output.append(
-                helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", k])
-            )
+            graph.output.append(P.make_tensor_value_info(name, P.TensorProto.FLOAT, ["batch", k]))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import contract as C
+from . import onnxproto
 
 
 def dims(value_info: Any) -> list[int | str]:
@@ -19,10 +20,8 @@ def dims(value_info: Any) -> list[int | str]:
 
 def describe(path: str | Path) -> dict[str, Any]:
     """Everything ``convlens inspect`` shows, as plain data."""
-    import onnx
-
     spec = C.read_spec(path)
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnxproto.load(path, load_external_data=False)
     graph_outputs = {o.name: dims(o) for o in model.graph.output}
     inputs = {i.name: dims(i) for i in model.graph.input}
     return {

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import contract as C
+from . import onnxproto as P
 
 #: what the tail computes, in this order
 TAIL_OUTPUTS = (C.OUT_SCORES, C.OUT_PREDICTIONS)
@@ -82,8 +83,6 @@ def _readable(tensor: str) -> str:
 def cut_tail(model: Any, spec: C.ModelSpec) -> TailGraph:
     """The tail of ``model`` (a loaded ModelProto): the CAM tensor (or its NCHW source) to
     the class scores and predictions; :class:`TailError` when it cannot be cut."""
-    from onnx import TensorProto, helper
-
     cam = spec.cam_output
     if cam is None:
         raise TailError("the file exposes no CAM tensor")
@@ -129,16 +128,17 @@ def cut_tail(model: Any, spec: C.ModelSpec) -> TailGraph:
         raise TailError(f"the predictions do not depend on the CAM tensor of {spec.cam_layer}")
     h, w, k = (int(d) for d in spec.output(cam).shape[1:])
     inputs = [
-        helper.make_tensor_value_info(
-            name, TensorProto.FLOAT, ["batch", h, w, k] if layout == "NHWC" else ["batch", k, h, w]
+        P.make_tensor_value_info(
+            name,
+            P.TensorProto.FLOAT,
+            ["batch", h, w, k] if layout == "NHWC" else ["batch", k, h, w],
         )
         for name, layout in used
     ]
     outputs = [o for o in g.output if o.name in TAIL_OUTPUTS]
     weights = [i for i in g.initializer if i.name in read]
-    graph = helper.make_graph(nodes, "convlens_tail", inputs, outputs, initializer=weights)
-    tail = helper.make_model(graph, opset_imports=list(model.opset_import))
-    tail.ir_version = model.ir_version
+    graph = P.make_graph(nodes, "convlens_tail", inputs, outputs, initializer=weights)
+    tail = P.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     return TailGraph(tail.SerializeToString(), tuple(used))
 
 
