@@ -12,6 +12,9 @@ over it), peak RSS, OUTDIR size per image and the ratios to the first configurat
 
 * ``report_thread``: the report's files encoded and written on a thread behind a
   bounded queue (``reports.assets.REPORT_WORKERS``; 0 = inside ``on_batch``, as before)
+* ``forward_ahead``: each batch's forward pass (session + CAM maps) on a thread, one
+  batch ahead of the records, files and sinks of the one before (``engine.run.FORWARD_AHEAD``;
+  off: inline, as before)
 * ``grid_cap``: at most ``GRID_NOTABLE`` misclassified/unsure images get grids besides
   the first ``grid_sample`` (off: no cap, as before)
 * ``fast_decode``: ``--fast-decode`` (libjpeg DCT-domain downscaling)
@@ -43,6 +46,7 @@ BASE: dict[str, Any] = {
     "report": True,
     "report_thread": False,
     "grid_cap": False,
+    "forward_ahead": False,
     "fast_decode": False,
     "stats_every": 1,
     "workers": None,
@@ -51,10 +55,12 @@ BASE: dict[str, Any] = {
     "top_k": 3,
 }
 ALL_ON = {"report_thread": True, "grid_cap": True, "fast_decode": True, "stats_every": 8}
+NEW = {"report_thread": True, "grid_cap": True, "forward_ahead": True}
+G1 = {"report": False, "cam": "gradcam", "top_k": 1}
 CONFIGS: dict[str, dict[str, Any]] = {
     "before (defaults of 5b8dfc6^)": {},
     "+ report thread": {"report_thread": True},
-    "+ report thread + grid cap (new defaults)": {"report_thread": True, "grid_cap": True},
+    "+ report thread + grid cap": {"report_thread": True, "grid_cap": True},
     "+ fast decode": {"report_thread": True, "grid_cap": True, "fast_decode": True},
     "+ stats every 8": {"report_thread": True, "grid_cap": True, "stats_every": 8},
     "all levers": ALL_ON,
@@ -67,17 +73,33 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "top_k": 1,
         **ALL_ON,
     },
+    "+ forward thread (new defaults)": NEW,
+    "gradcam top-1, no report, forward thread": {**G1, "forward_ahead": True},
+    "gradcam top-1, no report, forward thread, 1 thread": {
+        **G1,
+        "forward_ahead": True,
+        "threads": 1,
+    },
+    "gradcam top-1, no report, forward thread, all levers": {**G1, **ALL_ON, "forward_ahead": True},
+    "gradcam top-1, no report, forward thread, all levers, 1 thread": {
+        **G1,
+        **ALL_ON,
+        "forward_ahead": True,
+        "threads": 1,
+    },
 }
 
 
 def one(model: str, images: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this process (the child's side)."""
+    import convlens.engine.run as run
     import convlens.reports.assets as assets
     import convlens.reports.gridpolicy as gridpolicy
     from convlens.engine.run import RunOptions
     from convlens.pipeline import analyze
 
     assets.REPORT_WORKERS = 1 if cfg["report_thread"] else 0
+    run.FORWARD_AHEAD = 1 if cfg["forward_ahead"] else 0
     notable = gridpolicy.GRID_NOTABLE if cfg["grid_cap"] else 10**9
     # the sink's default argument was bound at import: patch the class's defaults
     defaults = list(assets.ReportAssetSink.__init__.__defaults__ or ())

@@ -15,6 +15,7 @@ open their own, on first use: the network after the CAM tensor cut out of the gr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,22 @@ from .runtime import DeviceError, Session, open_session
 from .sinks import ImageOutcome, ResultSink
 from .stats import ClassCAMs, RunStats, in_stats_sample
 from .tail import TAIL_OUTPUTS, TailError, TailGraph, cut_tail
+
+
+@dataclass
+class Forward:
+    """One batch's main-session pass: its decodable images, their model input, whether
+    the statistics were asked for, the outputs, the probabilities, the classes by
+    probability, the target classes (N, targets) and each method's maps."""
+
+    good: list[Decoded]
+    x: np.ndarray
+    with_stats: bool
+    out: dict[str, np.ndarray]
+    probs: np.ndarray
+    order: np.ndarray
+    classes: np.ndarray
+    maps: dict[str, np.ndarray]
 
 
 def main_outputs(plan: RunPlan) -> list[str]:
@@ -112,7 +129,14 @@ class Inference:
     def run(self, good: list[Decoded], stats: RunStats, cams: ClassCAMs) -> list[ImageOutcome]:
         """Outcomes of the decodable images of a batch (records filled in, maps saved
         with --save-maps); the batch's statistics and class CAMs go into the
-        accumulators."""
+        accumulators.  The same as ``finish(forward(good), ...)``."""
+        return self.finish(self.forward(good), stats, cams)
+
+    def forward(self, good: list[Decoded]) -> Forward:
+        """The main session's pass over a batch and the CAM methods' maps: it touches
+        no accumulator and no file, so the runner runs it on its own thread, one batch
+        ahead of :meth:`finish` (onnxruntime and numpy release the GIL).  Only this
+        thread uses the sessions the methods open (tail, scores)."""
         plan, spec = self.plan, self.plan.spec
         x = np.stack([d.tensor for d in good])  # type: ignore[misc]
         targets = plan.targets(len(x))
@@ -139,7 +163,15 @@ class Inference:
             scores=self.class_scores,
         )
         maps = {m: METHODS[m].maps(inputs) for m in plan.methods}
-        for _, layer, shape in self._layers if names is self.names else ():
+        return Forward(good, x, names is self.names, out, probs, order, classes, maps)
+
+    def finish(self, fwd: Forward, stats: RunStats, cams: ClassCAMs) -> list[ImageOutcome]:
+        """A forward pass made outcomes: records, map files, metrics, activations for
+        the sinks; statistics and class CAMs into the accumulators.  Called in batch
+        order, on the runner's thread."""
+        plan, out, classes, maps = self.plan, fwd.out, fwd.classes, fwd.maps
+        good, x, probs, order = fwd.good, fwd.x, fwd.probs, fwd.order
+        for _, layer, shape in self._layers if fwd.with_stats else ():
             s_sum, s_max, s_zero = (out[n] for n in stat_names(layer))
             stats.update_reduced(layer, shape, s_sum, s_max, s_zero)  # type: ignore[arg-type]
         if plan.methods:

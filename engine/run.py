@@ -20,10 +20,12 @@ one input failed (the others were processed), 2 the run could not start.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import numpy as np
 
 from .decode import Decoded, DecodePool, input_roots
 from .images import discover
-from .infer import Inference
+from .infer import Forward, Inference
 from .outdir import Record, ResultsLog
 from .plan import RunError, RunOptions, RunPlan
 from .results import image_id
@@ -179,8 +181,8 @@ class Runner:
         pool = DecodePool(plan, keep_images=bool(self.sinks))
         processed = 0
         try:
-            for batch in pool.batches(todo, roots):
-                self._process(inference, batch, log, shard)
+            for batch, fwd in forward_ahead(pool.batches(todo, roots), inference):
+                self._process(inference, batch, fwd, log, shard)
                 processed += len(batch)
                 if shard.batches >= SHARD_EVERY:
                     shard = self._flush(shard)
@@ -239,12 +241,18 @@ class Runner:
         return missing
 
     def _process(
-        self, inference: Inference, batch: list[Decoded], log: ResultsLog, shard: _Shard
+        self,
+        inference: Inference,
+        batch: list[Decoded],
+        fwd: cf.Future[Forward] | None,
+        log: ResultsLog,
+        shard: _Shard,
     ) -> None:
         good = [d for d in batch if d.tensor is not None]
         outcomes: dict[int, ImageOutcome] = {}
-        if good:
-            for d, oc in zip(good, inference.run(good, shard.stats, shard.cams), strict=True):
+        if fwd is not None:
+            done = inference.finish(fwd.result(), shard.stats, shard.cams)
+            for d, oc in zip(good, done, strict=True):
                 outcomes[d.index] = oc
         ordered = []
         for d in batch:
@@ -265,6 +273,32 @@ class Runner:
             self.dir.write_shard(shard.seq, shard.stats, shard.cams, shard.ids)
             return _Shard(shard.seq + 1)
         return shard
+
+
+#: batches whose forward pass runs ahead of the one being finished (0: each batch's pass
+#: runs when the runner reaches it, as before; benchmarks/bench_pipeline.py's lever)
+FORWARD_AHEAD = 1
+
+
+def forward_ahead(
+    batches: Iterator[list[Decoded]], inference: Inference
+) -> Iterator[tuple[list[Decoded], cf.Future[Forward] | None]]:
+    """Each batch with its forward pass (:meth:`Inference.forward`, None: nothing
+    decodable) started on a thread of its own one batch ahead: batch k+1's session
+    runs while the caller finishes batch k (records, files, sinks) and the decode pool
+    fills batch k+2.  At most two batches are in flight; on an exception or an early
+    exit the pass under way is waited for, not abandoned."""
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer") as ex:
+        held: collections.deque[tuple[list[Decoded], cf.Future[Forward] | None]] = (
+            collections.deque()
+        )
+        for batch in batches:
+            good = [d for d in batch if d.tensor is not None]
+            held.append((batch, ex.submit(inference.forward, good) if good else None))
+            if len(held) > FORWARD_AHEAD:
+                yield held.popleft()
+        while held:
+            yield held.popleft()
 
 
 METRIC_SEED = 0
