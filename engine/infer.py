@@ -69,15 +69,16 @@ class Inference:
     """The sessions of one run and what a batch becomes."""
 
     def __init__(self, plan: RunPlan, outdir: Path, sinks: Sequence[ResultSink]):
-        import onnx
         from google.protobuf.message import DecodeError
+
+        from . import onnxproto
 
         self.plan = plan
         self.outdir = outdir
         self.sinks = list(sinks)
         self.names = main_outputs(plan)
         try:
-            self.proto = onnx.load(str(plan.model_path))  # loaded once, pruned per session
+            self.proto = onnxproto.load(plan.model_path)  # loaded once, pruned per session
             model = with_stats(self.proto, plan.spec, keep=self.names, rows=plan.stats_every > 1)
             self.session = open_session(model, plan.device, plan.threads, plan.runtime)
         except (DeviceError, DecodeError, OSError) as exc:
