@@ -40,6 +40,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -272,11 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         prepare_torch(m, opts.rebuild, opts.timeout)
         if took:
             notes.append(f"{m}: built/exported this run: " + json.dumps(took))
-    all_results = {m: bench_model(m, counts[m], opts) for m in opts.models}
-    scale = None
-    if sizes := scale_sizes(opts):
-        sm = opts.scale_model or opts.models[0]
-        scale = (sm, scaling(sm, sizes, n_photos, opts))
+    shutil.rmtree(data.CACHE / "out", ignore_errors=True)  # a past run's; none during it
+    try:
+        all_results = {m: bench_model(m, counts[m], opts) for m in opts.models}
+        scale = None
+        if sizes := scale_sizes(opts):
+            sm = opts.scale_model or opts.models[0]
+            scale = (sm, scaling(sm, sizes, n_photos, opts))
+    finally:
+        shutil.rmtree(data.CACHE / "out", ignore_errors=True)
     header = [
         f"- command: `{command}`",
         f"- date: {started}; total {time.perf_counter() - t0:.0f} s; load average "

@@ -74,6 +74,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         **ALL_ON,
     },
     "+ forward thread (new defaults)": NEW,
+    "+ forward thread, 2 report threads": {**NEW, "report_thread": 2},
     "gradcam top-1, no report, forward thread": {**G1, "forward_ahead": True},
     "gradcam top-1, no report, forward thread, 1 thread": {
         **G1,
@@ -90,7 +91,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def one(model: str, images: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def one(model: str, images: str, cfg: dict[str, Any], scratch: str) -> dict[str, Any]:
     """One configuration in this process (the child's side)."""
     import convlens.engine.run as run
     import convlens.reports.assets as assets
@@ -98,7 +99,7 @@ def one(model: str, images: str, cfg: dict[str, Any]) -> dict[str, Any]:
     from convlens.engine.run import RunOptions
     from convlens.pipeline import analyze
 
-    assets.REPORT_WORKERS = 1 if cfg["report_thread"] else 0
+    assets.REPORT_WORKERS = int(cfg["report_thread"])  # True: 1 thread
     run.FORWARD_AHEAD = 1 if cfg["forward_ahead"] else 0
     notable = gridpolicy.GRID_NOTABLE if cfg["grid_cap"] else 10**9
     # the sink's default argument was bound at import: patch the class's defaults
@@ -114,19 +115,18 @@ def one(model: str, images: str, cfg: dict[str, Any]) -> dict[str, Any]:
         cam_methods=[cfg["cam"]] if cfg["cam"] else None,
         top_k=cfg["top_k"],
     )
-    out = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
-    try:
-        r0 = resource.getrusage(resource.RUSAGE_SELF)
-        t0 = time.perf_counter()
-        res = analyze(model, [images], out / "o", opts, report=cfg["report"])
-        wall = time.perf_counter() - t0
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
-        size = sum(p.stat().st_size for p in (out / "o").rglob("*") if p.is_file())
-        grids = out / "o" / "assets" / "grids"
-        gridded = sum(1 for d in grids.iterdir() if any(d.iterdir())) if grids.is_dir() else 0
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    # a directory never used before; the parent deletes them all at the end, not
+    # between runs (bench_rivals.fresh_dir: ext4 and recently deleted inodes)
+    out = Path(tempfile.mkdtemp(dir=scratch, prefix="run-"))
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    res = analyze(model, [images], out / "o", opts, report=cfg["report"])
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+    size = sum(p.stat().st_size for p in (out / "o").rglob("*") if p.is_file())
+    grids = out / "o" / "assets" / "grids"
+    gridded = sum(1 for d in grids.iterdir() if any(d.iterdir())) if grids.is_dir() else 0
     n = res.summary.processed
     return {
         "images": n,
@@ -285,9 +285,10 @@ def main() -> None:
     ap.add_argument("--stats-check", type=int, metavar="K")
     ap.add_argument("--costs", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--scratch", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print("RESULT " + json.dumps(one(a.model, a.images, json.loads(a.one))))
+        print("RESULT " + json.dumps(one(a.model, a.images, json.loads(a.one), a.scratch)))
         return
     if a.costs:
         print(json.dumps(costs(a.model, a.images, a.repeats), indent=1))
@@ -303,17 +304,21 @@ def main() -> None:
         names = [names[int(i)] for i in a.configs.split(",")]
     common = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for rep in range(a.repeats):
-        for n in names:
-            cfg = BASE | CONFIGS[n] | common
-            cmd = [sys.executable, __file__, a.model, a.images, "--one", json.dumps(cfg)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            line = [s for s in p.stdout.splitlines() if s.startswith("RESULT ")]
-            if not line:
-                raise SystemExit(f"{n}: {p.stderr.strip().splitlines()[-1:]}")
-            runs[n].append(json.loads(line[0][7:]))
-            r = runs[n][-1]
-            print(f"[{rep}] {n}: {r['images'] / r['wall']:.1f} img/s", file=sys.stderr)
+    scratch = tempfile.mkdtemp(prefix="bench_pipeline_")
+    try:
+        for rep in range(a.repeats):
+            for n in names:
+                cfg = BASE | CONFIGS[n] | common
+                cmd = [sys.executable, __file__, a.model, a.images, "--one", json.dumps(cfg)]
+                p = subprocess.run([*cmd, "--scratch", scratch], capture_output=True, text=True)
+                line = [s for s in p.stdout.splitlines() if s.startswith("RESULT ")]
+                if not line:
+                    raise SystemExit(f"{n}: {p.stderr.strip().splitlines()[-1:]}")
+                runs[n].append(json.loads(line[0][7:]))
+                r = runs[n][-1]
+                print(f"[{rep}] {n}: {r['images'] / r['wall']:.1f} img/s", file=sys.stderr)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     rows = [
         "| configuration | img/s end to end | engine img/s | x first | CPU ms/image | "
         "x first | peak RSS MB | OUTDIR KB/image | grid images |",

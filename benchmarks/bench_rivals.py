@@ -17,7 +17,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
-import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,17 @@ from bench_methods import BATCH, preloaded
 os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's progress bars
 
 # -- OpenVINO alone ----------------------------------------------------------------------
+
+
+def fresh_dir(parent: Path) -> Path:
+    """A directory never used before, under ``parent``, for one timed run's files.
+    Nothing is deleted while a benchmark runs (bench.py clears its ``out`` before the
+    first row and after the last): ext4 skips the inodes of files deleted in the last
+    minute or more when it creates new ones (``recently_deleted``), which made a run
+    that writes thousands of small files after ``rm -rf`` of the last one pay seconds
+    of system time (perf: ext4_create -> find_inode_bit -> recently_deleted)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix="run-"))
 
 
 def ov_batches(
@@ -172,8 +183,7 @@ def torch_gradcam(weights: Path, files: Sequence[Path], cfg: ModelConfig, out: P
     from pytorch_grad_cam import GradCAM
 
     torch.set_num_threads(os.cpu_count() or 1)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = fresh_dir(out)
     net = torch_model(weights)
     cam = GradCAM(model=net, target_layers=[last_conv(net)])
     n = 0
@@ -214,12 +224,12 @@ def torch_parity(weights: Path, analysis: Path, files: Sequence[Path]) -> float:
 def convlens_run(
     model: Path, folder: Path, outdir: Path, report: bool, **options: Any
 ) -> tuple[int, dict[str, Any]]:
-    """``convlens run`` end to end via pipeline.analyze into a fresh outdir, with
-    RunOptions ``options`` (device cpu, force)."""
+    """``convlens run`` end to end via pipeline.analyze into a new directory under
+    ``outdir`` (:func:`fresh_dir`), with RunOptions ``options`` (device cpu, force)."""
     from convlens.engine.run import RunOptions
     from convlens.pipeline import analyze
 
-    shutil.rmtree(outdir, ignore_errors=True)
+    outdir = fresh_dir(outdir)
     warnings: list[str] = []
     res = analyze(
         model,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -104,7 +103,7 @@ def _convlens(method: str, model: Path, folder: Path, out: Path, R: int) -> m.Ti
     extra: dict = {}
 
     def once() -> int:
-        n, info = rivals.convlens_run(model, folder, out / "run", report, **options)
+        n, info = rivals.convlens_run(model, folder, out, report, **options)
         extra.update(info)
         return n
 
@@ -143,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         t = _timed(args)
         result = {"images": t.images, "seconds": t.seconds, "note": t.note, "extra": t.extra}
-        shutil.rmtree(args.outdir, ignore_errors=True)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     sys.stdout.flush()
     print(TAG + json.dumps(result), flush=True)

@@ -39,7 +39,7 @@ Resume
 Off the critical path
     ``on_batch`` decides, shrinks the thumbnail and copies the maps (and a grid image's
     activations), and queues: each image's files are encoded and written on
-    a report thread (:mod:`convlens.reports.background`), at most ``REPORT_PENDING``
+    one of the report threads (:mod:`convlens.reports.background`), at most ``REPORT_PENDING``
     images and ``REPORT_PENDING_BYTES`` of arrays queued, so the engine decodes and
     runs the next batch meanwhile; ``close``
     waits for the queue.  A record the engine logs before its files are written is one
@@ -124,8 +124,10 @@ __all__ = [
 ]
 
 GRID_JPEG_QUALITY = 92
-#: report threads, and images queued for them at most (each holds one image's arrays)
-REPORT_WORKERS = 1
+#: report threads, and images queued for them at most (each holds one image's arrays);
+#: two, because a thread spends much of an image waiting in file-system calls (2 against
+#: 1: 1.09x the default run's img/s, benchmarks/bench_pipeline.py, README Speed)
+REPORT_WORKERS = 2
 REPORT_PENDING = 32
 REPORT_PENDING_BYTES = 64 << 20  # and at most this much of their arrays
 
