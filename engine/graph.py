@@ -29,6 +29,12 @@ STATS_PREFIX = "stats/"
 STATS_ROWS = "convlens_stats_rows"
 
 
+#: with_stats(act_rows=True): the graph input naming the batch rows whose activations
+#: come out of the main session, and the prefix of those outputs' names
+ACT_ROWS = "convlens_act_rows"
+ACT_ROWS_PREFIX = "rows/"
+
+
 def stat_names(layer: str) -> tuple[str, str, str]:
     base = STATS_PREFIX + layer
     return base + "/sum", base + "/max", base + "/zeros"
@@ -44,13 +50,20 @@ def _load(source: str | Path | Any) -> Any:
 
 
 def with_stats(
-    source: str | Path | Any, spec: C.ModelSpec, keep: list[str] | None = None, rows: bool = False
+    source: str | Path | Any,
+    spec: C.ModelSpec,
+    keep: list[str] | None = None,
+    rows: bool = False,
+    act_rows: bool = False,
 ) -> bytes:
     """The model with ``stats/<layer>/{sum,max,zeros}`` outputs, each (N, k) float32;
     with ``keep``, pruned to those outputs (stats names included); with ``rows``, over
-    the rows :data:`STATS_ROWS` names, (len(rows), k)."""
+    the rows :data:`STATS_ROWS` names, (len(rows), k); with ``act_rows``, also
+    :func:`add_act_rows`' outputs (name them in ``keep``)."""
     model = _load(source)
     add_stats(model, spec, rows)
+    if act_rows:
+        add_act_rows(model, spec)
     if keep is not None:
         prune(model, keep)
     return bytes(model.SerializeToString())
@@ -94,6 +107,32 @@ def _nchw_source(producers: dict[str, Any], name: str) -> str | None:
         return None
     perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
     return str(node.input[0]) if perm == [[0, 2, 3, 1]] else None
+
+
+def act_row_names(spec: C.ModelSpec) -> list[str]:
+    """:func:`add_act_rows`' outputs, one per activation output."""
+    return [ACT_ROWS_PREFIX + o.name for o in spec.activation_outputs]
+
+
+def add_act_rows(model: Any, spec: C.ModelSpec) -> None:
+    """Add ``rows/act/<layer>`` outputs: each activation output (NHWC) of just the batch
+    rows the int64 input :data:`ACT_ROWS` names, ``(len(rows), h, w, k)``, gathered
+    before the NCHW -> NHWC transpose where tf2onnx made one.  The main session then
+    hands out the activations of the images whose grids are certain with the pass it
+    makes anyway, instead of a second pass over the network for them."""
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    graph.input.append(P.make_tensor_value_info(ACT_ROWS, P.TensorProto.INT64, ["r"]))
+    for out, name in zip(spec.activation_outputs, act_row_names(spec), strict=True):
+        src = _nchw_source(producers, out.name)
+        if src is None:
+            graph.node.append(P.make_node("Gather", [out.name, ACT_ROWS], [name], axis=0))
+        else:
+            picked = name + "/nchw"
+            graph.node.append(P.make_node("Gather", [src, ACT_ROWS], [picked], axis=0))
+            graph.node.append(P.make_node("Transpose", [picked], [name], perm=[0, 2, 3, 1]))
+        shape = ["r", *(int(v) for v in out.shape[1:])]
+        graph.output.append(P.make_tensor_value_info(name, P.TensorProto.FLOAT, shape))
 
 
 def add_stats(model: Any, spec: C.ModelSpec, rows: bool = False) -> None:

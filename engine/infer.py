@@ -3,8 +3,11 @@
 onnxruntime executes every node of a graph whatever outputs are asked for, so the model
 is pruned in memory to what each session serves: the main session computes
 predictions, the CAM tensor, gradients, target indices and the per-channel statistics
-(reductions added to the graph); a second one, opened on first use, only the
-activations, for the images a sink wants them for; a third (--metrics), only the
+(reductions added to the graph); a variant of it, opened on first use, also the
+activations of the batch rows a sink surely wants them for (the report's grid sample:
+:meth:`Inference._early_rows`), so those images are not run twice; another, only the
+activations, for the images a sink wants them for once their predictions are known; one
+more (--metrics), only the
 predictions, for the perturbed copies of the batch's images that the faithfulness
 metrics (:mod:`convlens.engine.metrics`) build in memory.  The perturbation CAM methods
 open their own, on first use: the network after the CAM tensor cut out of the graph
@@ -23,7 +26,15 @@ import numpy as np
 from . import contract as C
 from .cams import METHODS, CAMInputs, normalize, upsample
 from .decode import Decoded
-from .graph import STATS_PREFIX, STATS_ROWS, pruned, stat_names, with_stats
+from .graph import (
+    ACT_ROWS,
+    STATS_PREFIX,
+    STATS_ROWS,
+    act_row_names,
+    pruned,
+    stat_names,
+    with_stats,
+)
 from .metrics import compute_all
 from .outdir import CURVE_POINTS, Prediction
 from .plan import RunError, RunPlan
@@ -48,6 +59,8 @@ class Forward:
     order: np.ndarray
     classes: np.ndarray
     maps: dict[str, np.ndarray]
+    #: row -> its activations by layer, for the rows a sink surely wants them for
+    early: dict[int, dict[str, np.ndarray]]
 
 
 def main_outputs(plan: RunPlan) -> list[str]:
@@ -88,6 +101,8 @@ class Inference:
         self.takes_targets = C.IN_TARGETS in self.session.input_names
         self.constants = self._fetch_constants()
         self._acts_session: Session | None = None
+        self._early_session: Session | None = None
+        self._early_names = act_row_names(plan.spec)
         self._predict_session: Session | None = None
         self._tail = self._cut_tail()  # None unless a method re-runs the tail
         self._tail_session: Session | None = None
@@ -145,7 +160,18 @@ class Inference:
         if self.takes_targets:
             feeds[C.IN_TARGETS] = targets
         names = self._stats_feed(good, feeds)
-        out = dict(zip(names, self.session.run(names, feeds), strict=True))
+        every_stat = names is self.names
+        session, early = self.session, self._early_rows(good)
+        if early:
+            session = self._main_with_activations()
+            feeds[ACT_ROWS] = np.asarray(early, np.int64)
+            names = names + self._early_names
+        out = dict(zip(names, session.run(names, feeds), strict=True))
+        got = [out.pop(n) for n in self._early_names] if early else []
+        layers = [n[len(C.ACT_PREFIX) :] for n, _, _ in self._layers]
+        by_row = {
+            row: {k: a[j] for k, a in zip(layers, got, strict=True)} for j, row in enumerate(early)
+        }
         probs = self._probabilities(out[C.OUT_PREDICTIONS])
         order = np.argsort(-probs, axis=1, kind="stable")
         if C.OUT_TARGET_INDICES in out:
@@ -164,7 +190,7 @@ class Inference:
             scores=self.class_scores,
         )
         maps = {m: METHODS[m].maps(inputs) for m in plan.methods}
-        return Forward(good, x, names is self.names, out, probs, order, classes, maps)
+        return Forward(good, x, every_stat, out, probs, order, classes, maps, by_row)
 
     def finish(self, fwd: Forward, stats: RunStats, cams: ClassCAMs) -> list[ImageOutcome]:
         """A forward pass made outcomes: records, map files, metrics, activations for
@@ -179,8 +205,38 @@ class Inference:
             cams.add(classes[:, 0], normalize(maps[plan.methods[0]][:, 0]))
         results = [self._outcome(d, i, probs, order, classes, maps) for i, d in enumerate(good)]
         self._attach_metrics(x, probs, classes, maps, results)
-        self._attach_activations(x, results)
+        self._attach_activations(x, results, fwd.early)
         return results
+
+    def _early_rows(self, good: list[Decoded]) -> list[int]:
+        """The rows whose activations a sink will want whatever their predictions: a
+        sink without ``wants_activations`` wants every image's; one with
+        ``surely_wants_activations(record)`` says so before the predictions exist (the
+        report: the grid sample's first places).  They come out of the main pass."""
+        if not self._layers:
+            return []
+        rows = []
+        for i, d in enumerate(good):
+            for s in self.sinks:
+                surely = getattr(s, "surely_wants_activations", None)
+                if not hasattr(s, "wants_activations") or (surely and surely(d.record)):
+                    rows.append(i)
+                    break
+        return rows
+
+    def _main_with_activations(self) -> Session:
+        """The main session's graph with the activations of the rows :data:`ACT_ROWS`
+        names as outputs too (opened on first use, on the forward thread only)."""
+        if self._early_session is None:
+            model = with_stats(
+                self.proto,
+                self.plan.spec,
+                keep=self.names + self._early_names,
+                rows=self.plan.stats_every > 1,
+                act_rows=True,
+            )
+            self._early_session = self._open(model)
+        return self._early_session
 
     def _stats_feed(self, good: list[Decoded], feeds: dict[str, np.ndarray]) -> list[str]:
         """The outputs to ask for: all of them, but with --stats-every K the statistics
@@ -308,13 +364,20 @@ class Inference:
             rec.maps = rel
         return ImageOutcome(record=rec, image=d.image, maps=per_image)
 
-    def _attach_activations(self, x: np.ndarray, results: list[ImageOutcome]) -> None:
+    def _attach_activations(
+        self,
+        x: np.ndarray,
+        results: list[ImageOutcome],
+        early: dict[int, dict[str, np.ndarray]],
+    ) -> None:
         """Give each outcome its activations if a sink wants them for that image.
 
         A sink may say per image (``wants_activations(record)``, called once per ok
-        record, in order); without that method it gets them for every image.  They come
+        record, in order); without that method it gets them for every image.  The rows
+        :meth:`_early_rows` named came out of the main pass (``early``); the others
+        (for the report, the notable images, known from their predictions only) come
         from a second pass, over just those images, on a session pruned to the
-        activations: the main pass never pays for copying them out.
+        activations: a batch with no such image never pays for copying them out.
         """
         want = np.zeros(len(results), bool)
         for s in self.sinks:
@@ -322,6 +385,10 @@ class Inference:
             for i, oc in enumerate(results):
                 if ask is None or ask(oc.record):
                     want[i] = True
+        for row, acts in early.items():
+            if want[row]:
+                results[row].activations = acts
+                want[row] = False
         if not want.any():
             return
         rows = np.flatnonzero(want)

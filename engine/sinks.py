@@ -48,6 +48,11 @@ class ResultSink(Protocol):
     ``wants_activations(record) -> bool``
         called once per ok record, before ``on_batch``: the engine fetches activations
         only for the images it says yes to (without it, every image gets them).
+    ``surely_wants_activations(record) -> bool``
+        called before the record has predictions, on the engine's forward thread: a yes
+        promises that ``wants_activations`` will say yes if the record turns out ok, and
+        the main pass hands out that image's activations instead of a second pass over
+        the network for it (the report: the first images of the grid sample).
     """
 
     def open(self, outdir: Path, spec: ModelSpec, settings: dict[str, Any]) -> None: ...

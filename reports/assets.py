@@ -263,6 +263,12 @@ class ReportAssetSink:
         self._decided[record.id] = decision
         return decision
 
+    def surely_wants_activations(self, record: Record) -> bool:
+        """The engine asks before the predictions (on its forward thread): a yes means
+        :meth:`wants_activations` will say yes if the record is ok, so the main pass
+        hands out its activations (:meth:`GridPolicy.surely`)."""
+        return self.policy.surely(record.id)
+
     def wants_grids(self, record: Record) -> bool:
         """Whether this ok record gets activation grids (the policy's decision)."""
         return self.policy.decide(record)

@@ -106,6 +106,15 @@ class GridPolicy:
             return first
         return _among_first(self._first_notable, self.grid_notable, pos) or first
 
+    def surely(self, record_id: str) -> bool:
+        """Whether the image gets grids if it is ok, whatever its predictions: every
+        image with "all"; with "sample", one among the first ``grid_sample`` places of
+        the order (fewer than ``grid_sample`` ok images can come before it)."""
+        if self.grids != "sample":
+            return self.grids == "all"
+        pos = self._position.get(record_id)
+        return pos is not None and pos < self.grid_sample
+
     def head(self) -> list[str]:
         """The ids of the first ``grid_sample`` places of the order given to
         :meth:`expect`: each gets grids when it is ok, whatever the others turn out

@@ -182,3 +182,85 @@ def test_grid_sample_is_capped() -> None:
     # with i00 still to run, it may be unsure too: only i01 and i02 are certain
     del done["i00"]
     assert policy.certain(order, done) == {"i01", "i02"}
+
+
+# ---- activations from the main pass --------------------------------------------------------
+class _ActivationRecorder:
+    """A sink that surely wants the activations of the ``early`` images before their
+    predictions, and decides on the ``late`` ones afterwards."""
+
+    def __init__(self, early: set[str], late: set[str]):
+        self.early, self.late = early, late
+        self.got: dict[str, dict[str, np.ndarray]] = {}
+
+    def open(self, outdir: Path, spec: C.ModelSpec, settings: dict) -> None:
+        pass
+
+    def close(self, summary: dict) -> None:
+        pass
+
+    def surely_wants_activations(self, record: Record) -> bool:
+        return record.id in self.early
+
+    def wants_activations(self, record: Record) -> bool:
+        return record.id in self.early or record.id in self.late
+
+    def on_batch(self, outcomes: list) -> None:
+        for oc in outcomes:
+            if oc.activations:
+                self.got[oc.record.id] = {k: np.array(v) for k, v in oc.activations.items()}
+
+
+def test_activations_a_sink_surely_wants_come_from_the_main_pass(
+    demo_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images a sink surely wants activations for get them from the main pass (its
+    rows gathered out of the same session run), the others from a second pass over just
+    those images; both equal onnxruntime's activation outputs of the analysis file."""
+    from convlens.engine.infer import Inference
+
+    model, photos = demo_model
+    paths = sorted(photos.rglob("*.jpg"))
+    ids = [image_id(p) for p in paths]
+    early, late = set(ids[1:9:2]), {ids[0], ids[-1]}
+    second_pass_rows: list[int] = []
+    opened = Inference._activations_session
+
+    def spy(self: Inference):  # type: ignore[no-untyped-def]
+        session = opened(self)
+        run_ = session.run
+
+        class Counting:
+            def run(self, names: list[str], feeds: dict) -> list[np.ndarray]:
+                second_pass_rows.append(len(feeds[C.IN_IMAGE]))
+                return run_(names, feeds)
+
+        return Counting()
+
+    monkeypatch.setattr(Inference, "_activations_session", spy)
+    sink = _ActivationRecorder(early, late)
+    opts = RunOptions(device="cpu", batch_size=4)
+    run(model, [str(photos)], tmp_path / "o", opts, sinks=[sink], progress=False)
+    assert set(sink.got) == early | late
+    assert sum(second_pass_rows) == len(late)  # the early ones were not run again
+    ref = _numpy_stats(model, paths)  # onnxruntime's activation outputs, by layer
+    for i, rid in enumerate(ids):
+        for layer, acts in sink.got.get(rid, {}).items():
+            np.testing.assert_allclose(acts, ref[layer][i], rtol=1e-5, atol=1e-5)
+
+
+def test_grid_policy_surely_promises_decide() -> None:
+    """What the report tells the engine before the predictions (``surely``) holds: every
+    image it names gets grids when it is ok, confident or not, whatever was done before."""
+    order = [f"i{k}" for k in range(130)]
+    for done in ({}, {f"i{k}": _rec(f"i{k}", 0.9) for k in (3, 60, 61)}):
+        p = GridPolicy("sample", 50, 50)
+        p.expect(order, done)
+        for k, rid in enumerate(order):
+            if rid in done:
+                continue
+            surely = p.surely(rid)
+            assert surely == (k < 50)
+            decided = p.decide(_rec(rid, 0.2 if k % 3 == 0 else 0.9))
+            assert decided or not surely
+    assert GridPolicy("all").surely("x") and not GridPolicy("none").surely("x")
