@@ -287,11 +287,10 @@ def forward_ahead(
     decodable) started on a thread of its own one batch ahead: batch k+1's session
     runs while the caller finishes batch k (records, files, sinks) and the decode pool
     fills batch k+2.  At most two batches are in flight; on an exception or an early
-    exit the pass under way is waited for, not abandoned."""
-    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer") as ex:
-        held: collections.deque[tuple[list[Decoded], cf.Future[Forward] | None]] = (
-            collections.deque()
-        )
+    exit the pass under way is waited for, not abandoned, and the one queued dropped."""
+    ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+    held: collections.deque[tuple[list[Decoded], cf.Future[Forward] | None]] = collections.deque()
+    try:
         for batch in batches:
             good = [d for d in batch if d.tensor is not None]
             held.append((batch, ex.submit(inference.forward, good) if good else None))
@@ -299,6 +298,8 @@ def forward_ahead(
                 yield held.popleft()
         while held:
             yield held.popleft()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 METRIC_SEED = 0

@@ -264,3 +264,35 @@ def test_grid_policy_surely_promises_decide() -> None:
             decided = p.decide(_rec(rid, 0.2 if k % 3 == 0 else 0.9))
             assert decided or not surely
     assert GridPolicy("all").surely("x") and not GridPolicy("none").surely("x")
+
+
+def test_forward_ahead_is_in_order_one_batch_ahead_and_raises_at_its_batch() -> None:
+    """The forward thread: results in batch order, at most one batch ahead of the
+    consumer, a pass's exception raised where its batch is consumed, nothing dropped
+    before it; a batch with nothing decodable gets no pass."""
+    from convlens.engine.decode import Decoded
+    from convlens.engine.run import forward_ahead
+
+    class Fake:
+        def __init__(self) -> None:
+            self.started: list[int] = []
+
+        def forward(self, good: list) -> int:
+            self.started.append(good[0].index)
+            if good[0].index == 4:
+                raise RuntimeError("pass 4 failed")
+            return int(good[0].index)
+
+    def batch(i: int, ok: bool = True) -> list:
+        rec = Record(id=str(i), path=str(i), relpath=str(i))
+        return [Decoded(i, Path(str(i)), rec, tensor=np.zeros(1) if ok else None)]
+
+    fake = Fake()
+    got: list[int | None] = []
+    batches = [batch(0), batch(1, ok=False), batch(2), batch(3), batch(4), batch(5), batch(6)]
+    with pytest.raises(RuntimeError, match="pass 4 failed"):
+        for b, fut in forward_ahead(iter(batches), fake):  # type: ignore[arg-type]
+            assert max(fake.started) <= b[0].index + 1
+            got.append(None if fut is None else fut.result())
+    assert got == [0, None, 2, 3]
+    assert 1 not in fake.started and max(fake.started) <= 5
