@@ -114,24 +114,32 @@ def act_row_names(spec: C.ModelSpec) -> list[str]:
     return [ACT_ROWS_PREFIX + o.name for o in spec.activation_outputs]
 
 
+def act_rows_nchw(model: Any, spec: C.ModelSpec) -> list[bool]:
+    """For each of :func:`add_act_rows`' outputs, whether it is NCHW ``(r, k, h, w)``
+    (tf2onnx made the activation output a transpose of an NCHW tensor) rather than
+    NHWC ``(r, h, w, k)``."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return [_nchw_source(producers, o.name) is not None for o in spec.activation_outputs]
+
+
 def add_act_rows(model: Any, spec: C.ModelSpec) -> None:
-    """Add ``rows/act/<layer>`` outputs: each activation output (NHWC) of just the batch
-    rows the int64 input :data:`ACT_ROWS` names, ``(len(rows), h, w, k)``, gathered
-    before the NCHW -> NHWC transpose where tf2onnx made one.  The main session then
-    hands out the activations of the images whose grids are certain with the pass it
-    makes anyway, instead of a second pass over the network for them."""
+    """Add ``rows/act/<layer>`` outputs: each activation output of just the batch rows
+    the int64 input :data:`ACT_ROWS` names, gathered from the NCHW tensor where tf2onnx
+    made the output a transpose of one (:func:`act_rows_nchw`; the reader transposes a
+    view: an NHWC copy in the graph cost 250 MB of peak memory on the small benchmark
+    model).  The main session then hands out the activations of the images whose grids
+    are certain with the pass it makes anyway, instead of a second pass over the
+    network for them."""
     graph = model.graph
+    nchw = act_rows_nchw(model, spec)
     producers = {o: n for n in graph.node for o in n.output}
     graph.input.append(P.make_tensor_value_info(ACT_ROWS, P.TensorProto.INT64, ["r"]))
-    for out, name in zip(spec.activation_outputs, act_row_names(spec), strict=True):
-        src = _nchw_source(producers, out.name)
-        if src is None:
-            graph.node.append(P.make_node("Gather", [out.name, ACT_ROWS], [name], axis=0))
-        else:
-            picked = name + "/nchw"
-            graph.node.append(P.make_node("Gather", [src, ACT_ROWS], [picked], axis=0))
-            graph.node.append(P.make_node("Transpose", [picked], [name], perm=[0, 2, 3, 1]))
-        shape = ["r", *(int(v) for v in out.shape[1:])]
+    names = act_row_names(spec)
+    for out, name, is_nchw in zip(spec.activation_outputs, names, nchw, strict=True):
+        h, w, k = (int(v) for v in out.shape[1:])
+        src = _nchw_source(producers, out.name) if is_nchw else out.name
+        graph.node.append(P.make_node("Gather", [src, ACT_ROWS], [name], axis=0))
+        shape = ["r", k, h, w] if is_nchw else ["r", h, w, k]
         graph.output.append(P.make_tensor_value_info(name, P.TensorProto.FLOAT, shape))
 
 

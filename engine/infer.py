@@ -3,9 +3,10 @@
 onnxruntime executes every node of a graph whatever outputs are asked for, so the model
 is pruned in memory to what each session serves: the main session computes
 predictions, the CAM tensor, gradients, target indices and the per-channel statistics
-(reductions added to the graph); a variant of it, opened on first use, also the
-activations of the batch rows a sink surely wants them for (the report's grid sample:
-:meth:`Inference._early_rows`), so those images are not run twice; another, only the
+(reductions added to the graph) and, when the run has sinks, the activations of the
+batch rows a sink surely wants them for (the report's grid sample:
+:meth:`Inference._early_rows`; no row: empty outputs), so those images are not run
+twice; another, only the
 activations, for the images a sink wants them for once their predictions are known; one
 more (--metrics), only the
 predictions, for the perturbed copies of the batch's images that the faithfulness
@@ -31,6 +32,7 @@ from .graph import (
     STATS_PREFIX,
     STATS_ROWS,
     act_row_names,
+    act_rows_nchw,
     pruned,
     stat_names,
     with_stats,
@@ -90,9 +92,22 @@ class Inference:
         self.outdir = outdir
         self.sinks = list(sinks)
         self.names = main_outputs(plan)
+        # with sinks, the main graph also hands out the activations of the batch rows
+        # ACT_ROWS names (none: empty outputs, nothing copied), see _early_rows
+        act_rows = bool(self.sinks and plan.spec.activation_outputs)
+        self._early_names = act_row_names(plan.spec) if act_rows else []
+        self._early_nchw: list[bool] = []  # per early output: NCHW, read as a view
         try:
             self.proto = onnxproto.load(plan.model_path)  # loaded once, pruned per session
-            model = with_stats(self.proto, plan.spec, keep=self.names, rows=plan.stats_every > 1)
+            model = with_stats(
+                self.proto,
+                plan.spec,
+                keep=self.names + self._early_names,
+                rows=plan.stats_every > 1,
+                act_rows=act_rows,
+            )
+            if act_rows:
+                self._early_nchw = act_rows_nchw(self.proto, plan.spec)
             self.session = open_session(model, plan.device, plan.threads, plan.runtime)
         except (DeviceError, DecodeError, OSError) as exc:
             raise RunError(str(exc).splitlines()[0]) from exc
@@ -101,8 +116,6 @@ class Inference:
         self.takes_targets = C.IN_TARGETS in self.session.input_names
         self.constants = self._fetch_constants()
         self._acts_session: Session | None = None
-        self._early_session: Session | None = None
-        self._early_names = act_row_names(plan.spec)
         self._predict_session: Session | None = None
         self._tail = self._cut_tail()  # None unless a method re-runs the tail
         self._tail_session: Session | None = None
@@ -161,17 +174,14 @@ class Inference:
             feeds[C.IN_TARGETS] = targets
         names = self._stats_feed(good, feeds)
         every_stat = names is self.names
-        session, early = self.session, self._early_rows(good)
-        if early:
-            session = self._main_with_activations()
+        early = self._early_rows(good)
+        if self._early_names:
             feeds[ACT_ROWS] = np.asarray(early, np.int64)
+        if early:
             names = names + self._early_names
-        out = dict(zip(names, session.run(names, feeds), strict=True))
+        out = dict(zip(names, self.session.run(names, feeds), strict=True))
         got = [out.pop(n) for n in self._early_names] if early else []
-        layers = [n[len(C.ACT_PREFIX) :] for n, _, _ in self._layers]
-        by_row = {
-            row: {k: a[j] for k, a in zip(layers, got, strict=True)} for j, row in enumerate(early)
-        }
+        by_row = self._early_activations(early, got)
         probs = self._probabilities(out[C.OUT_PREDICTIONS])
         order = np.argsort(-probs, axis=1, kind="stable")
         if C.OUT_TARGET_INDICES in out:
@@ -208,12 +218,24 @@ class Inference:
         self._attach_activations(x, results, fwd.early)
         return results
 
+    def _early_activations(
+        self, rows: list[int], got: list[np.ndarray]
+    ) -> dict[int, dict[str, np.ndarray]]:
+        """Row -> layer -> (h, w, k) activations, from the main pass' gathered outputs
+        (an NCHW one read as a transposed view)."""
+        if not rows:
+            return {}
+        layers = [n[len(C.ACT_PREFIX) :] for n, _, _ in self._layers]
+        per_layer = zip(layers, got, self._early_nchw, strict=True)
+        hwk = [(k, a.transpose(0, 2, 3, 1) if nchw else a) for k, a, nchw in per_layer]
+        return {row: {k: a[j] for k, a in hwk} for j, row in enumerate(rows)}
+
     def _early_rows(self, good: list[Decoded]) -> list[int]:
         """The rows whose activations a sink will want whatever their predictions: a
         sink without ``wants_activations`` wants every image's; one with
         ``surely_wants_activations(record)`` says so before the predictions exist (the
         report: the grid sample's first places).  They come out of the main pass."""
-        if not self._layers:
+        if not self._early_names:
             return []
         rows = []
         for i, d in enumerate(good):
@@ -223,20 +245,6 @@ class Inference:
                     rows.append(i)
                     break
         return rows
-
-    def _main_with_activations(self) -> Session:
-        """The main session's graph with the activations of the rows :data:`ACT_ROWS`
-        names as outputs too (opened on first use, on the forward thread only)."""
-        if self._early_session is None:
-            model = with_stats(
-                self.proto,
-                self.plan.spec,
-                keep=self.names + self._early_names,
-                rows=self.plan.stats_every > 1,
-                act_rows=True,
-            )
-            self._early_session = self._open(model)
-        return self._early_session
 
     def _stats_feed(self, good: list[Decoded], feeds: dict[str, np.ndarray]) -> list[str]:
         """The outputs to ask for: all of them, but with --stats-every K the statistics
