@@ -5,6 +5,7 @@ scored), and its activation grids."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,7 +15,10 @@ from .context import Rendered, ReportContext
 from .data import AssetIndex, ImageEntry, LayerStats, method_label
 from .faithfulness import Faithfulness, image_faithfulness
 from .imaging import GRID_COLS, grid_shape
-from .layout import ASSETS_DIR, cam_file_name, grid_file_name
+from .layout import ASSETS_DIR, GRID_EXT, cam_file_name, grid_file_name
+
+#: grid files of runs made before the PNG grids (upscaled JPEG, shown as they are)
+LEGACY_GRID_EXT = ".jpg"
 
 IMAGES_DIR = "images"
 
@@ -106,12 +110,21 @@ def cam_rows(
 
 
 def grid_views(e: ImageEntry, files: set[str], layers: list[LayerStats]) -> list[GridView]:
+    """One view per layer.  The page shows a grid at :func:`grid_shape` (width and height
+    attributes): the file holds small maps at their own size and the browser scales it
+    up with crisp pixels (``image-rendering: pixelated``); an older run's upscaled JPEG
+    grid is that size already."""
     views = []
     known = set()
     for st in layers:
         fname = grid_file_name(st.name)
-        known.add(fname)
-        src = AssetIndex.grid_path(e.id, st.name) if fname in files else None
+        legacy = fname.removesuffix(GRID_EXT) + LEGACY_GRID_EXT
+        known |= {fname, legacy}
+        src = None
+        if fname in files:
+            src = AssetIndex.grid_path(e.id, st.name)
+        elif legacy in files:
+            src = f"{ASSETS_DIR}/grids/{e.id}/{legacy}"
         width = height = None
         if len(st.shape) == 3:
             height, width = grid_shape(*st.shape)
@@ -127,9 +140,14 @@ def grid_views(e: ImageEntry, files: set[str], layers: list[LayerStats]) -> list
                 st,
             )
         )
-    for fname in sorted(files - known):  # grids of layers stats.json does not know
-        if fname.endswith(".jpg"):
-            stem = fname[:-4]
+    stems: set[str] = set()
+    # grids of layers stats.json does not know (a PNG before an older run's JPEG)
+    for fname in sorted(
+        files - known, key=lambda f: (os.path.splitext(f)[0], f.endswith(LEGACY_GRID_EXT))
+    ):
+        stem, ext = os.path.splitext(fname)
+        if ext in (GRID_EXT, LEGACY_GRID_EXT) and stem not in stems:
+            stems.add(stem)
             src = f"{ASSETS_DIR}/grids/{e.id}/{fname}"
             views.append(GridView(stem, [], 0, GRID_COLS, src, None, None, None))
     return views
@@ -152,7 +170,7 @@ def image_pages(ctx: ReportContext) -> Iterator[Rendered]:
             cam_rows=rows,
             agnostic=agnostic,
             grids=grid_views(e, grid_files, ctx.layers),
-            grids_written=any(f.endswith(".jpg") for f in grid_files),
+            grids_written=any(f.endswith((GRID_EXT, LEGACY_GRID_EXT)) for f in grid_files),
             grid_policy=ctx.policy,
             faithfulness=image_faithfulness(e.metrics, e.metric_curves),
         )

@@ -191,9 +191,15 @@ def test_cam_heatmap_files_are_colour_mapped_maps(fake: FakeRun) -> None:
 def test_grid_files_match_geometry(fake: FakeRun) -> None:
     rid = fake.grid_ids[0]
     for name, s, k in [("conv1", 56, 16), ("conv4", 7, 128)]:
-        img = cv2.imread(str(fake.outdir / "assets" / "grids" / rid / f"{name}.jpg"))
+        path = fake.outdir / "assets" / "grids" / rid / f"{name}.png"
+        assert path.read_bytes()[25] == 3  # IHDR colour type: paletted
+        img = cv2.imread(str(path))
         assert img is not None
-        assert img.shape[:2] == I.grid_shape(s, s, k)
+        assert img.shape[:2] == I.grid_file_shape(s, s, k)  # the maps' own size
+    page = (fake.outdir / "images" / f"{rid}.html").read_text()
+    h, w = I.grid_shape(7, 7, 128)  # on the page: as large as the upscaled grid was
+    assert f'src="../assets/grids/{rid}/conv4.png"' in page and f'width="{w}" height="{h}"' in page
+    assert (w, h) == (16 * 50 - 1, 8 * 50 - 1)
 
 
 # ---- escaping, CSP, no network ------------------------------------------------------
@@ -623,21 +629,104 @@ def test_activation_grid_layout_and_normalisation() -> None:
     act = np.zeros((7, 7, k), np.float32)
     act[:, :, 1] = np.arange(49, dtype=np.float32).reshape(7, 7)  # a ramp
     img = I.activation_grid(act)
-    th, tw = I.tile_size(7, 7)
-    assert (th, tw) == (49, 49)
-    assert img.shape[:2] == I.grid_shape(7, 7, k) == (2 * 49 + 1, 16 * 50 - 1)
+    assert I.tile_size(7, 7) == (49, 49)  # on the page
+    assert I.file_tile_size(7, 7) == (7, 7)  # in the file
+    assert I.grid_shape(7, 7, k) == (2 * 49 + 1, 16 * 50 - 1)
+    assert img.shape[:2] == I.grid_file_shape(7, 7, k) == (2 * 7 + 1, 16 * 8 - 1)
     white = np.array(I.GRID_GAP_BGR, np.uint8)
-    assert (img[:, 49] == white).all() and (img[49, :] == white).all()
-    assert (img[50:, 4 * 50 :] == white).all()  # padding cells of the last row
+    assert (img[:, 7] == white).all() and (img[7, :] == white).all()
+    assert (img[8:, 4 * 8 :] == white).all()  # padding cells of the last row
     lut = I.colormap_lut(I.GRID_COLORMAP)
     # a constant channel maps to 128; a ramp's first/last pixels to low/high values
     assert (img[0, 0] == lut[128]).all()
-    ramp = img[:49, 50:99]
+    ramp = img[:7, 8:15]
     u8 = I.normalise_channels(act)[:, :, 1]
-    assert (ramp[0, 0] == lut[u8[0, 0]]).all() and (ramp[-1, -1] == lut[u8[-1, -1]]).all()
+    assert (ramp == lut[u8]).all()
     assert u8[0, 0] < 30 and u8[-1, -1] > 225
-    # nearest-neighbour upscaling: each 7x7 block is constant
-    assert (ramp[:7, :7] == ramp[0, 0]).all()
+
+
+def _old_upscaled_grid(act: np.ndarray, colormap: int) -> np.ndarray:
+    """The grid as it was before the files held native sizes: every tile upscaled by
+    nearest neighbour to ``tile_size``, coloured, then gaps and padding painted white."""
+    h, w, k = act.shape
+    th, tw = I.tile_size(h, w)
+    u8 = I.normalise_channels(act)
+    tiles = [cv2.resize(u8[:, :, i], (tw, th), interpolation=cv2.INTER_NEAREST) for i in range(k)]
+    rows, cols = -(-k // I.GRID_COLS), min(I.GRID_COLS, k)
+    out = np.full((*I.grid_shape(h, w, k), 3), 255, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        y, x = r * (th + 1), c * (tw + 1)
+        out[y : y + th, x : x + tw] = I.colormap_lut(colormap)[t]
+    assert rows * (th + 1) - 1 == out.shape[0]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("shape", "colormap"),
+    [
+        ((5, 5, 40), "viridis"),  # VGG16's last pool: 10x upscaled before
+        ((10, 10, 33), "viridis"),
+        ((13, 9, 17), "viridis"),  # not square; factor from the longest side
+        ((48, 48, 3), "viridis"),  # large enough: never scaled
+        ((7, 7, 20), "turbo"),  # 256 colours: no room for white in a palette -> RGB PNG
+        ((140, 140, 2), "viridis"),  # reduced to MAX_TILE as before
+    ],
+)
+def test_grid_file_is_the_upscaled_grid_downsampled(
+    shape: tuple[int, int, int], colormap: str
+) -> None:
+    """A grid file's pixels are the old (upscaled) grid taken back to the maps' size:
+    each tile is the normalised, colour-mapped channel; decoded, the PNG is exactly that."""
+    cmap = I.COLORMAPS[colormap]
+    act = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32) * 3 + 1
+    act[:, :, 0] = 2.0  # a constant channel
+    h, w, k = shape
+    png = I.encode_grid(act, cmap)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png[25] == (3 if colormap == "viridis" else 2)  # paletted / RGB
+    native = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert (native == I.activation_grid(act, cmap)).all()
+    assert native.shape[:2] == I.grid_file_shape(h, w, k)
+    fh, fw = I.file_tile_size(h, w)
+    th, tw = I.tile_size(h, w)
+    if max(h, w) > I.MAX_TILE:
+        assert (fh, fw) == (th, tw) == (I.MAX_TILE, I.MAX_TILE)
+        return
+    assert (fh, fw) == (h, w)
+    old = _old_upscaled_grid(act, cmap)
+    f = th // h
+    assert (th, tw) == (h * f, w * f)
+    cols = min(I.GRID_COLS, k)
+    rows = -(-k // cols)
+    # the old grid's tile pixels, one of each f x f block, and the new file's tile pixels
+    ys_old = np.concatenate([r * (th + 1) + np.arange(h) * f for r in range(rows)])
+    xs_old = np.concatenate([c * (tw + 1) + np.arange(w) * f for c in range(cols)])
+    ys_new = np.concatenate([r * (h + 1) + np.arange(h) for r in range(rows)])
+    xs_new = np.concatenate([c * (w + 1) + np.arange(w) for c in range(cols)])
+    assert (old[np.ix_(ys_old, xs_old)] == native[np.ix_(ys_new, xs_new)]).all()
+    lut = I.colormap_lut(cmap)
+    u8 = I.normalise_channels(act)
+    for i in range(k):
+        r, c = divmod(i, cols)
+        tile = native[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w]
+        assert (tile == lut[u8[:, :, i]]).all()
+    # everything else is white: gaps and the padding cells of the last row
+    mask = np.ones(native.shape[:2], bool)
+    mask[np.ix_(ys_new, xs_new)] = False
+    for i in range(k, rows * cols):
+        r, c = divmod(i, cols)
+        mask[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = True
+    assert (native[mask] == np.array(I.GRID_GAP_BGR, np.uint8)).all()
+
+
+def test_grid_palette_holds_every_level_and_white() -> None:
+    of_level, palette, gap = I.grid_palette(I.COLORMAPS["viridis"]) or (None, None, 0)
+    assert of_level is not None and palette is not None
+    assert (palette[of_level] == I.colormap_lut(I.COLORMAPS["viridis"])).all()
+    assert (palette[gap] == np.array(I.GRID_GAP_BGR, np.uint8)).all()
+    assert gap not in set(of_level.tolist()) and len(palette) <= 256
+    assert I.grid_palette(I.COLORMAPS["turbo"]) is None  # 256 distinct colours
 
 
 def test_tile_sizes() -> None:
@@ -645,6 +734,7 @@ def test_tile_sizes() -> None:
     assert I.tile_size(14, 14) == (56, 56)
     assert I.tile_size(75, 75) == (75, 75)
     assert I.tile_size(224, 224) == (128, 128)
+    assert I.file_tile_size(7, 7) == (7, 7) and I.file_tile_size(224, 224) == (128, 128)
     big = I.activation_grid(np.random.default_rng(0).random((224, 224, 3), dtype=np.float32))
     assert big.shape[:2] == (128, 3 * 129 - 1)
 
@@ -789,3 +879,24 @@ def test_temporaries_of_a_killed_run_are_removed(fake: FakeRun, tmp_path: Path) 
     render_report(out, page_size=PAGE_SIZE)
     assert not any(p.exists() for p in planted)
     assert mine.read_text() == "not ours"
+
+
+def test_grid_views_show_older_runs_jpeg_grids() -> None:
+    """An OUTDIR from before the PNG grids (upscaled JPEG files) still shows its grids at
+    the same size; a PNG of the same layer wins."""
+    from types import SimpleNamespace
+
+    from convlens.reports.data import LayerStats
+    from convlens.reports.imagepage import grid_views
+
+    entry: Any = SimpleNamespace(id="id00")
+    st = LayerStats("conv4", [7, 7, 128], 128, 0.0, 1.0, 0.0, [], 1)
+    (v,) = grid_views(entry, {"conv4.jpg"}, [st])
+    assert v.src == "assets/grids/id00/conv4.jpg" and (v.height, v.width) == I.grid_shape(7, 7, 128)
+    (v,) = grid_views(entry, {"conv4.jpg", "conv4.png"}, [st])
+    assert v.src == "assets/grids/id00/conv4.png"
+    views = grid_views(entry, {"extra.jpg", "extra.png", "other.jpg", "notes.txt"}, [st])
+    assert [(g.name, g.src) for g in views[1:]] == [
+        ("extra", "assets/grids/id00/extra.png"),
+        ("other", "assets/grids/id00/other.jpg"),
+    ]

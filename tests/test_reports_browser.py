@@ -393,6 +393,53 @@ def test_hostile_file_name_is_text(watched: Watched, report_dir: Path) -> None:
     w.assert_clean()
 
 
+def test_grids_shown_at_their_page_size(watched: Watched, report_dir: Path) -> None:
+    """A grid file holds small maps at their own size; the page shows it as large as the
+    upscaled file was (its box: grid_shape, the width/height attributes), crisp pixels,
+    and scaled down proportionally in a narrow window."""
+    from convlens.reports import imaging as I
+
+    w, page = watched, watched.page
+    order = [i[0] for i in _gallery(report_dir)["items"] if i[7] == ""]
+    page.goto(_url(report_dir / "images" / f"{order[1]}.html"))
+    page.wait_for_selector("img.grid")
+    page.wait_for_function(ALL_IMAGES_LOADED)
+    w.assert_images_loaded()
+    measure = """gs => gs.map(g => {
+        const r = g.getBoundingClientRect(), cs = getComputedStyle(g);
+        const shape = g.closest('.layer').querySelector('.shape').textContent;
+        return {src: g.getAttribute('src'), shape: shape.match(/\\d+/g).map(Number),
+                attr: [Number(g.getAttribute('width')), Number(g.getAttribute('height'))],
+                box: [r.width, r.height], natural: [g.naturalWidth, g.naturalHeight],
+                border: parseFloat(cs.borderLeftWidth), rendering: cs.imageRendering};
+    })"""
+    grids = page.eval_on_selector_all("img.grid", measure)
+    assert len(grids) == 3
+    upscaled = 0
+    for g in grids:
+        h, wd, k = g["shape"]
+        assert g["src"].endswith(".png")
+        gh, gw = I.grid_shape(h, wd, k)
+        assert g["attr"] == [gw, gh]
+        fh, fw = I.grid_file_shape(h, wd, k)
+        assert g["natural"] == [fw, fh]  # the file: the maps' own size
+        upscaled += fw < gw
+        assert g["rendering"] == "pixelated"
+        # the box is grid_shape's (border-box: the 1 px border inside the width), the
+        # content keeps grid_shape's ratio, not the file's (gaps are not scaled)
+        b = g["border"]
+        assert abs(g["box"][0] - gw) < 0.01, g
+        assert abs(g["box"][1] - (2 * b + (gw - 2 * b) * gh / gw)) < 1 / 32, g
+    assert upscaled == 2  # the demo's 32x32 and 16x16 layers
+    page.set_viewport_size({"width": 520, "height": 900})
+    for g in page.eval_on_selector_all("img.grid", measure):
+        (cw, ch), b = g["box"], g["border"]
+        gw, gh = g["attr"]
+        assert cw < gw and abs((ch - 2 * b) - (cw - 2 * b) * gh / gw) < 1 / 32, (
+            g
+        )  # layout units: 1/64 px
+
+
 def test_image_page_zoom_and_keyboard(watched: Watched, report_dir: Path) -> None:
     w, page = watched, watched.page
     order = [i[0] for i in _gallery(report_dir)["items"] if i[7] == ""]
