@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,24 @@ def read_results(outdir: Path, repair: bool = False) -> ResultsRead:
         except ValueError:  # JSONDecodeError, UnicodeDecodeError, not a record
             found.bad_lines += 1
     return found
+
+
+def iter_results(outdir: Path) -> Iterator[Record]:
+    """The records of ``outdir``'s results.jsonl one line at a time (what
+    :func:`read_results` reads, without its repair: a trailing line without its newline
+    and unreadable lines are skipped), so that a run's summary over 100,000 images does
+    not hold them all."""
+    path = outdir / RESULTS
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n") or not line.strip():
+                continue
+            try:
+                yield Record.from_json(json.loads(line))
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError, not a record
+                continue
 
 
 class ResultsLog:

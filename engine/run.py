@@ -35,7 +35,7 @@ import numpy as np
 from .decode import Decoded, DecodePool, input_roots
 from .images import discover
 from .infer import Forward, Inference
-from .outdir import Record, ResultsLog
+from .outdir import Record, ResultsLog, iter_results
 from .plan import RunError, RunOptions, RunPlan
 from .results import image_id
 from .rundir import RunDir, file_sha1
@@ -191,20 +191,25 @@ class Runner:
             self._flush(shard)
         finally:
             log.close()
-        records = ResultsLog(self.outdir).load()
-        ok = sum(1 for r in records if r.ok)
+        total = ok = 0
+        scored = []  # the records with faithfulness scores (--metrics), for their means
+        for r in iter_results(self.outdir):  # streamed: flat memory at any size
+            total += 1
+            ok += r.ok
+            if r.ok and r.metrics:
+                scored.append(r)
         summary = RunSummary(
             outdir=self.outdir,
-            total=len(records),
+            total=total,
             ok=ok,
-            failed=len(records) - ok,
+            failed=total - ok,
             processed=processed + len(problems),
             skipped=len(found.files) - len(todo),
             seconds=time.perf_counter() - t0,
             device=inference.device,
             runtime=inference.session.runtime,
             notes=notes,
-            metrics=metric_summary(records),
+            metrics=metric_summary(scored),
         )
         return self._finish(summary, settings)
 

@@ -296,3 +296,26 @@ def test_forward_ahead_is_in_order_one_batch_ahead_and_raises_at_its_batch() -> 
             got.append(None if fut is None else fut.result())
     assert got == [0, None, 2, 3]
     assert 1 not in fake.started and max(fake.started) <= 5
+
+
+def test_iter_results_streams_what_read_results_reads(tmp_path: Path) -> None:
+    """The run's summary streams results.jsonl: the same records as read_results, a bad
+    line and a trailing line cut by a kill skipped."""
+    from convlens.engine.outdir import RESULTS, ResultsLog, iter_results, read_results
+
+    recs = [Record(id=str(i), path=f"/p/{i}.jpg", relpath=f"{i}.jpg") for i in range(5)]
+    recs[2].fail("cannot decode")
+    log = ResultsLog(tmp_path)
+    log.append(recs[:3])
+    log.close()
+    with open(tmp_path / RESULTS, "ab") as f:
+        f.write(b"{not json\n")
+    log = ResultsLog(tmp_path)
+    log.append(recs[3:])
+    log.close()
+    with open(tmp_path / RESULTS, "ab") as f:
+        f.write(b'{"id": "cut by a ki')
+    streamed = list(iter_results(tmp_path))
+    assert [r.to_json() for r in streamed] == [r.to_json() for r in recs]
+    assert [r.to_json() for r in streamed] == [r.to_json() for r in read_results(tmp_path).records]
+    assert [r.ok for r in streamed] == [True, True, False, True, True]
