@@ -312,7 +312,13 @@ def _standing_notes() -> list[str]:
         "rows 1 and 2 only).",
         "Random weights, but the last Dense layer is rescaled so that predictions are "
         "confident and varied, as a trained model's are: the report draws activation grids "
-        "for the first --grid-sample (50) images and for every low-confidence one.",
+        "for the first --grid-sample (50) images and for at most 50 misclassified or unsure "
+        "ones (every image of the 64-image VGG set gets grids: most of that row's cost).",
+        "Every timed run writes into a directory never used before and nothing is deleted "
+        "until the end: ext4 skips recently deleted inodes when it creates files, which "
+        "cost the report rows seconds of system time after rm -rf of the previous repeat.",
+        "The machine's speed drifts by up to 1.7x between runs (3vb ran at 1325 and 781 "
+        "img/s in two runs an hour apart): compare rows within one run.",
     ]
 
 
