@@ -137,9 +137,9 @@ def add_act_rows(model: Any, spec: C.ModelSpec) -> None:
     names = act_row_names(spec)
     for out, name, is_nchw in zip(spec.activation_outputs, names, nchw, strict=True):
         h, w, k = (int(v) for v in out.shape[1:])
-        src = _nchw_source(producers, out.name) if is_nchw else out.name
+        src = (_nchw_source(producers, out.name) if is_nchw else None) or out.name
         graph.node.append(P.make_node("Gather", [src, ACT_ROWS], [name], axis=0))
-        shape = ["r", k, h, w] if is_nchw else ["r", h, w, k]
+        shape: list[str | int] = ["r", k, h, w] if is_nchw else ["r", h, w, k]
         graph.output.append(P.make_tensor_value_info(name, P.TensorProto.FLOAT, shape))
 
 
