@@ -820,13 +820,16 @@ def test_sigint_exits_130_and_resumes(demo_model: tuple[Path, Path], tmp_path: P
     whose stderr is closed still finishes."""
     model, photos = demo_model
     inp = tmp_path / "in"
-    n = 1000  # the demo runs at ~400 img/s: enough left after 20 for the signal to land
+    n = 1000  # the demo runs at ~400 img/s: plenty left after 20 for the signal to land
     _many_images(inp, photos, n)
     args = [sys.executable, "-m", "convlens.cli", "run", str(model), str(inp)]
     args += ["--device", "cpu", "--batch-size", "4", "--workers", "1", "--no-report"]
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [*args, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    proc = subprocess.Popen(  # SIGINT as a terminal gives it, even when this process
+        [*args, "-o", str(out)],  # runs as a background job that ignores it (inherited)
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     results = out / "results.jsonl"
     deadline = time.time() + 120
