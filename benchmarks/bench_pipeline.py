@@ -75,6 +75,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "+ forward thread (new defaults)": NEW,
     "+ forward thread, 2 report threads": {**NEW, "report_thread": 2},
+    "+ forward thread, 2 report threads, 1 decode thread": {
+        **NEW,
+        "report_thread": 2,
+        "workers": 1,
+    },
+    "gradcam top-1, no report, forward thread, 1 decode thread": {
+        **G1,
+        "forward_ahead": True,
+        "workers": 1,
+    },
     "gradcam top-1, no report, forward thread": {**G1, "forward_ahead": True},
     "gradcam top-1, no report, forward thread, 1 thread": {
         **G1,

@@ -104,7 +104,7 @@ class UnitWorker:
         self.inference = Inference(self.plan, self.outdir, setup.sinks)
         self.inference.metric_ids = None if setup.metric_ids is None else set(setup.metric_ids)
         keep = bool(setup.sinks or setup.asset_sinks)
-        self.pool = DecodePool(self.plan, keep_images=keep)
+        self.pool = DecodePool(self.plan, keep_images=keep, device=self.inference.device)
         self.roots = [Path(r) for r in setup.roots]
         self.where = where(self.inference.device, self.inference.session.runtime)
         self.where["note"] = self.inference.note or ""  # e.g. no CUDA there: on the CPU

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,10 @@ class RunOptions:
     )
     batch_size: int = field(default=16, metadata=_doc("Images per onnxruntime call.", min=1))
     workers: int | None = field(
-        default=None, metadata=_doc("Decoding threads [default: number of CPUs].", min=1)
+        default=None,
+        metadata=_doc(
+            "Decoding threads [default: half the CPUs on the CPU, every CPU with CUDA].", min=1
+        ),
     )
     threads: int | None = field(
         default=None,
@@ -175,7 +177,7 @@ class RunPlan:
     device: str
     runtime: str
     batch_size: int
-    workers: int
+    workers: int | None  # None: by the device the session runs on (decode.decode_workers)
     threads: int | None
     methods: tuple[str, ...]
     top_k: int  # at most the number of classes
@@ -217,7 +219,7 @@ class RunPlan:
             device=o.device,
             runtime=o.runtime,
             batch_size=o.batch_size,
-            workers=o.workers or os.cpu_count() or 1,
+            workers=o.workers,
             threads=o.threads,
             methods=methods,
             top_k=min(o.top_k, spec.num_classes),

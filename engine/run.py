@@ -178,7 +178,7 @@ class Runner:
         settings = plan.settings(inputs)
         self._start(settings, order, done)
         shard = _Shard(self.dir.next_shard_seq())
-        pool = DecodePool(plan, keep_images=bool(self.sinks))
+        pool = DecodePool(plan, keep_images=bool(self.sinks), device=inference.device)
         processed = 0
         try:
             for batch, fwd in forward_ahead(pool.batches(todo, roots), inference):

@@ -319,3 +319,15 @@ def test_iter_results_streams_what_read_results_reads(tmp_path: Path) -> None:
     assert [r.to_json() for r in streamed] == [r.to_json() for r in recs]
     assert [r.to_json() for r in streamed] == [r.to_json() for r in read_results(tmp_path).records]
     assert [r.ok for r in streamed] == [True, True, False, True, True]
+
+
+def test_decode_workers_by_device() -> None:
+    """--workers wins; otherwise every CPU decodes for CUDA, half of them on the CPU."""
+    import os
+
+    from convlens.engine.decode import decode_workers
+
+    cpus = os.cpu_count() or 1
+    assert decode_workers(3, "cpu") == decode_workers(3, "cuda") == 3
+    assert decode_workers(None, "cuda") == cpus
+    assert decode_workers(None, "cpu") == max(1, cpus // 2)
