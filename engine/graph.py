@@ -6,12 +6,14 @@
   the session for the images a sink asks them for.  With ``rows=True`` they are taken
   over the batch rows named by an extra int64 input :data:`STATS_ROWS` only (``Gather``
   first): a run that samples its statistics (``--stats-every``) pays the reductions for
-  the sampled images alone, and onnxruntime (1.13+) runs no node of an output not
-  asked for, so a batch without a sampled image pays nothing.
+  the sampled images alone; a batch without a sampled image feeds one row (``[0]``)
+  and pays them over that row, since onnxruntime (1.31) runs every node whatever
+  outputs are asked for (below).
 - The graph is pruned to the outputs a session will be asked for: onnxruntime runs
   every node of a graph whatever outputs are requested, so an unused output (say the
   NHWC copy of every activation, or the gradients when no gradient method is chosen)
-  would cost on every batch.
+  would cost on every batch (small benchmark model: the whole analysis graph asked for
+  its predictions alone took 3.3 ms an image, pruned to them 2.55).
 """
 
 from __future__ import annotations
