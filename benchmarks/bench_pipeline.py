@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -42,20 +43,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-BASE: dict[str, Any] = {
+BASE: dict[str, Any] = {  # the defaults before issue 10's pipeline work
     "report": True,
     "report_thread": False,
     "grid_cap": False,
     "forward_ahead": False,
     "fast_decode": False,
     "stats_every": 1,
-    "workers": None,
+    "workers": os.cpu_count() or 1,  # None: by device (decode.decode_workers)
     "threads": None,
     "cam": None,
     "top_k": 3,
 }
 ALL_ON = {"report_thread": True, "grid_cap": True, "fast_decode": True, "stats_every": 8}
-NEW = {"report_thread": True, "grid_cap": True, "forward_ahead": True}
+FWD = {"report_thread": True, "grid_cap": True, "forward_ahead": True}
+NEW = {**FWD, "report_thread": 2, "workers": None}  # today's defaults
 G1 = {"report": False, "cam": "gradcam", "top_k": 1}
 CONFIGS: dict[str, dict[str, Any]] = {
     "before (defaults of 5b8dfc6^)": {},
@@ -66,24 +68,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "all levers": ALL_ON,
     "no report": {"report": False},
     "no report, all levers": {"report": False, **ALL_ON},
-    "gradcam top-1, no report": {"report": False, "cam": "gradcam", "top_k": 1},
-    "gradcam top-1, no report, all levers": {
-        "report": False,
-        "cam": "gradcam",
-        "top_k": 1,
-        **ALL_ON,
-    },
-    "+ forward thread (new defaults)": NEW,
-    "+ forward thread, 2 report threads": {**NEW, "report_thread": 2},
-    "+ forward thread, 2 report threads, 1 decode thread": {
-        **NEW,
-        "report_thread": 2,
-        "workers": 1,
-    },
-    "gradcam top-1, no report, forward thread, 1 decode thread": {
+    "gradcam top-1, no report": G1,
+    "gradcam top-1, no report, all levers": {**G1, **ALL_ON},
+    "+ forward thread": FWD,
+    "+ forward thread, 2 report threads": {**FWD, "report_thread": 2},
+    "+ forward thread, 2 report threads, decode threads by device (new defaults)": NEW,
+    "gradcam top-1, no report, forward thread, decode threads by device": {
         **G1,
         "forward_ahead": True,
-        "workers": 1,
+        "workers": None,
     },
     "gradcam top-1, no report, forward thread": {**G1, "forward_ahead": True},
     "gradcam top-1, no report, forward thread, 1 thread": {

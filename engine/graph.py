@@ -133,15 +133,13 @@ def add_act_rows(model: Any, spec: C.ModelSpec) -> None:
     are certain with the pass it makes anyway, instead of a second pass over the
     network for them."""
     graph = model.graph
-    nchw = act_rows_nchw(model, spec)
     producers = {o: n for n in graph.node for o in n.output}
     graph.input.append(P.make_tensor_value_info(ACT_ROWS, P.TensorProto.INT64, ["r"]))
-    names = act_row_names(spec)
-    for out, name, is_nchw in zip(spec.activation_outputs, names, nchw, strict=True):
+    for out, name in zip(spec.activation_outputs, act_row_names(spec), strict=True):
         h, w, k = (int(v) for v in out.shape[1:])
-        src = (_nchw_source(producers, out.name) if is_nchw else None) or out.name
-        graph.node.append(P.make_node("Gather", [src, ACT_ROWS], [name], axis=0))
-        shape: list[str | int] = ["r", k, h, w] if is_nchw else ["r", h, w, k]
+        nchw = _nchw_source(producers, out.name)
+        graph.node.append(P.make_node("Gather", [nchw or out.name, ACT_ROWS], [name], axis=0))
+        shape: list[str | int] = ["r", k, h, w] if nchw else ["r", h, w, k]
         graph.output.append(P.make_tensor_value_info(name, P.TensorProto.FLOAT, shape))
 
 

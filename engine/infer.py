@@ -6,10 +6,8 @@ predictions, the CAM tensor, gradients, target indices and the per-channel stati
 (reductions added to the graph) and, when the run has sinks, the activations of the
 batch rows a sink surely wants them for (the report's grid sample:
 :meth:`Inference._early_rows`; no row: empty outputs), so those images are not run
-twice; another, only the
-activations, for the images a sink wants them for once their predictions are known; one
-more (--metrics), only the
-predictions, for the perturbed copies of the batch's images that the faithfulness
+twice; another, only the activations, for the images a sink wants them for once their
+predictions are known; one more (--metrics), only the predictions, for the perturbed copies of the batch's images that the faithfulness
 metrics (:mod:`convlens.engine.metrics`) build in memory.  The perturbation CAM methods
 open their own, on first use: the network after the CAM tensor cut out of the graph
 (:mod:`convlens.engine.tail`: Ablation-CAM, Recipro-CAM) and the class scores alone
@@ -126,6 +124,8 @@ class Inference:
             (o.name, o.layer or "", tuple(int(v) for v in o.shape[1:]))
             for o in plan.spec.activation_outputs
         ]
+        #: the layer names sinks get activations under (the outputs' names, no "act/")
+        self._layer_keys = [n[len(C.ACT_PREFIX) :] for n, _, _ in self._layers]
 
     @property
     def device(self) -> str:
@@ -225,8 +225,7 @@ class Inference:
         (an NCHW one read as a transposed view)."""
         if not rows:
             return {}
-        layers = [n[len(C.ACT_PREFIX) :] for n, _, _ in self._layers]
-        per_layer = zip(layers, got, self._early_nchw, strict=True)
+        per_layer = zip(self._layer_keys, got, self._early_nchw, strict=True)
         hwk = [(k, a.transpose(0, 2, 3, 1) if nchw else a) for k, a, nchw in per_layer]
         return {row: {k: a[j] for k, a in hwk} for j, row in enumerate(rows)}
 
@@ -402,9 +401,8 @@ class Inference:
         rows = np.flatnonzero(want)
         names = [n for n, _, _ in self._layers]
         got = self._activations_session().run(names, {C.IN_IMAGE: x[rows]})
-        acts = dict(zip(names, got, strict=True))
         for j, row in enumerate(rows.tolist()):
-            results[row].activations = {n[len(C.ACT_PREFIX) :]: a[j] for n, a in acts.items()}
+            results[row].activations = {k: a[j] for k, a in zip(self._layer_keys, got, strict=True)}
 
 
 def _fractions(curve: np.ndarray) -> np.ndarray:
