@@ -26,6 +26,7 @@ Rows, per model (every method in its own process; img/s is the median over repea
  4'  the same with ``report=False``
  4g  ``--cam gradcam --top-k 1 --no-report --save-maps`` (the issue's one-method goal)
  4v, 4'v, 4gv  the same three with ``--runtime openvino`` (what the runtime buys)
+ 4bf, 4gbf  4 and 4g with ``--precision bf16`` (opt-in; on CPUs with native bf16 only)
  4'b (--diagnose) 4' with OPENBLAS_NUM_THREADS=1 (numpy's BLAS threads against onnxruntime's)
 
 and a scaling row: ``convlens run`` over 100 and 1000 (``--scale-max``: up to 10000) images
@@ -58,6 +59,8 @@ NEEDS = {
     "4v": ("openvino",),
     "4'v": ("openvino",),
     "4gv": ("openvino",),
+    "4bf": ("openvino",),
+    "4gbf": ("openvino",),
     "3v": ("openvino",),
     "3vb": ("openvino",),
     "P2": ("torch", "torchvision", "pytorch_grad_cam"),
@@ -172,10 +175,20 @@ def bench_model(model: str, n: int, opts: argparse.Namespace) -> list[Result]:
     nb = opts.notebook_images or (1 if opts.quick else data.MODELS[model].notebook_images)
     results = [measure("1", model, folder, opts, repeats=1, limit=min(nb, n))]
     rows = ["2", "3", "3v", "3vb", "3a", "D", "P1", "P2", "4", "4v", "4'", "4'v", "4g", "4gv"]
+    rows += ["4bf", "4gbf"] if _has_bf16() else []
     rows += ["4'b"] if opts.diagnose else []
     for row in rows:
         results.append(measure(row, model, folder, opts, repeats=R))
     return results
+
+
+def _has_bf16() -> bool:
+    """Whether the bf16 rows can run: OpenVINO installed, the CPU with native bf16."""
+    if importlib.util.find_spec("openvino") is None:
+        return False
+    from convlens.engine.runtime_ov import has_bf16
+
+    return has_bf16()
 
 
 def scaling(model: str, sizes: list[int], n_photos: int, opts: argparse.Namespace) -> list[Result]:

@@ -34,9 +34,11 @@ ROWS = {  # key: (label, worker method)
     "4'v": ("convlens run, report=False, --runtime openvino", "convlens_noreport_ov"),
     "4g": ("convlens run --cam gradcam --top-k 1 --no-report --save-maps", "convlens_one"),
     "4gv": ("the same, --runtime openvino", "convlens_one_ov"),
+    "4bf": ("convlens run (analyze, report), --precision bf16 (OpenVINO)", "convlens_bf16"),
+    "4gbf": ("4g with --precision bf16 (OpenVINO)", "convlens_one_bf16"),
     "4'b": ("convlens run, report=False, OPENBLAS_NUM_THREADS=1", "convlens_noreport"),
 }
-CONVLENS_ROWS = ("4", "4v", "4'", "4'v", "4g", "4gv", "4'b")
+CONVLENS_ROWS = ("4", "4v", "4'", "4'v", "4g", "4gv", "4bf", "4gbf", "4'b")
 PEERS = (("2", "Keras"), ("P1", "OV XAI"), ("P2", "pt-grad-cam"), ("1", "notebook"))
 
 
@@ -152,6 +154,10 @@ def goals(all_results: dict[str, list[Result]]) -> list[str]:
             ("4 faster than Keras batched (4 / 2 > 1)", by.get("4", nan) / by.get("2", nan), 1),
             ("4g faster than OpenVINO XAI (4g / P1 > 1)", by.get("4g", nan) / by.get("P1", nan), 1),
             ("4g faster than Keras batched (4g / 2 > 1)", by.get("4g", nan) / by.get("2", nan), 1),
+            # the same goals for the opt-in bf16 rows (their accuracy: README, Speed)
+            ("opt-in: 4gbf >= 0.95 L*", by.get("4gbf", nan) / ls, 0.95),
+            ("opt-in: 4bf >= 0.8 L*", by.get("4bf", nan) / ls, 0.8),
+            ("opt-in: 4gbf faster than OpenVINO XAI", by.get("4gbf", nan) / by.get("P1", nan), 1),
         ]
         for name, value, bar in checks:
             met = "-" if value != value else ("yes" if value >= bar else "**no**")

@@ -9,7 +9,7 @@ weights of the PyTorch rebuild), ``notebook``, ``keras``, ``ort_plain``, ``ort_a
 ``decode``, ``ov_plain`` / ``ov_plain_default`` (OpenVINO alone, f32 / its default
 precision), ``torch_gradcam`` (pytorch-grad-cam), or a convlens run: ``convlens``,
 ``convlens_noreport``, ``convlens_one`` (--cam gradcam --top-k 1 --no-report --save-maps),
-each also with ``_ov`` (--runtime openvino).
+each also with ``_ov`` (--runtime openvino) or ``_bf16`` (--precision bf16, on OpenVINO).
 """
 
 from __future__ import annotations
@@ -96,10 +96,25 @@ CONVLENS = {  # method: (report, RunOptions fields, note)
 }
 
 
+SUFFIXES = {  # method suffix: RunOptions fields it adds
+    "": {},
+    "_ov": {"runtime": "openvino"},
+    "_bf16": {"runtime": "openvino", "precision": "bf16"},
+}
+
+
+def _split(method: str) -> tuple[str, str]:
+    """``convlens_one_bf16`` -> (``convlens_one``, ``_bf16``)."""
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if suffix and method.endswith(suffix):
+            return method.removesuffix(suffix), suffix
+    return method, ""
+
+
 def _convlens(method: str, model: Path, folder: Path, out: Path, R: int) -> m.Timing:
-    base = method.removesuffix("_ov")
+    base, suffix = _split(method)
     report, options, note = CONVLENS[base]
-    options = options | ({"runtime": "openvino"} if method.endswith("_ov") else {})
+    options = options | SUFFIXES[suffix]
     extra: dict = {}
 
     def once() -> int:
@@ -117,7 +132,7 @@ def torch_weights(model: str) -> Path:
 
 METHODS = ("notebook", "keras", "ort_plain", "ort_analysis", "decode", "ov_plain")
 METHODS += ("ov_plain_default", "torch_gradcam")
-METHODS += tuple(k + s for k in CONVLENS for s in ("", "_ov"))
+METHODS += tuple(k + s for k in CONVLENS for s in SUFFIXES)
 
 
 def _prepare(args: argparse.Namespace) -> dict:

@@ -106,7 +106,7 @@ class UnitWorker:
         keep = bool(setup.sinks or setup.asset_sinks)
         self.pool = DecodePool(self.plan, keep_images=keep, device=self.inference.device)
         self.roots = [Path(r) for r in setup.roots]
-        self.where = where(self.inference.device, self.inference.session.runtime)
+        self.where = where(self.inference.device, self.inference.session.label)
         self.where["note"] = self.inference.note or ""  # e.g. no CUDA there: on the CPU
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -106,7 +106,9 @@ class Inference:
             )
             if act_rows:
                 self._early_nchw = act_rows_nchw(self.proto, plan.spec)
-            self.session = open_session(model, plan.device, plan.threads, plan.runtime)
+            self.session = open_session(
+                model, plan.device, plan.threads, plan.runtime, precision=plan.precision
+            )
         except (DeviceError, DecodeError, OSError) as exc:
             raise RunError(str(exc).splitlines()[0]) from exc
         except RuntimeError as exc:  # onnxruntime's own load failures (Fail, InvalidGraph)
@@ -138,7 +140,7 @@ class Inference:
     def _open(self, model: bytes) -> Session:
         """Another session of this run: the main session's device and runtime."""
         s = self.session
-        return open_session(model, s.device, self.plan.threads, s.runtime)
+        return open_session(model, s.device, self.plan.threads, s.runtime, precision=s.precision)
 
     def _fetch_constants(self) -> dict[str, np.ndarray]:
         if not self.plan.spec.has_output(C.OUT_CAM_WEIGHTS):

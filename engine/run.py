@@ -73,7 +73,7 @@ class RunSummary:
     skipped: int  # inputs already done by an earlier run
     seconds: float
     device: str
-    runtime: str = "onnxruntime"  # what ran the graph: onnxruntime or openvino
+    runtime: str = "onnxruntime"  # what ran the graph (Session.label: "openvino bf16")
     notes: list[str] = field(default_factory=list)
     #: --metrics: per CAM method, the mean of every score over the scored images
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -207,7 +207,7 @@ class Runner:
             skipped=len(found.files) - len(todo),
             seconds=time.perf_counter() - t0,
             device=inference.device,
-            runtime=inference.session.runtime,
+            runtime=inference.session.label,
             notes=notes,
             metrics=metric_summary(scored),
         )

@@ -8,7 +8,8 @@ onnxruntime-gpu's multi-line noise) and the runtime:
   inputs from pinned host memory; on the CPU through ``InferenceSession.run`` (binding
   bought nothing there: ``benchmarks/bench_runtime.py``).
 - ``openvino`` (the ``[openvino]`` extra, :mod:`convlens.engine.runtime_ov`): CPU only.
-- ``auto``: onnxruntime, on CUDA and on the CPU.  Measured (``benchmarks/bench.py`` rows
+  The one runtime for ``precision="bf16"`` (float32 everywhere else).
+- ``auto``: onnxruntime, on CUDA and on the CPU (OpenVINO for ``bf16``).  Measured (``benchmarks/bench.py`` rows
   3/3v and 4/4v, ``benchmarks/bench_runtime.py``; README, Benchmarks): in float32
   OpenVINO ran the plain exports about as fast as onnxruntime and the analysis graph
   (gradients, statistics) slower, in isolation and in whole runs; its lead in the issue's
@@ -35,6 +36,9 @@ import numpy as np
 
 DEVICES = ("auto", "cuda", "cpu")
 RUNTIMES = ("auto", "onnxruntime", "openvino")
+#: the arithmetic a session computes in: float32, or bfloat16 (OpenVINO on CPUs with
+#: native bf16 instructions; README, Speed, for what it moves)
+PRECISIONS = ("f32", "bf16")
 
 
 class DeviceError(RuntimeError):
@@ -44,10 +48,17 @@ class DeviceError(RuntimeError):
 class Session(ABC):
     """One compiled graph on one device, whatever runs it."""
 
-    def __init__(self, runtime: str, device: str, note: str | None):
+    def __init__(self, runtime: str, device: str, note: str | None, precision: str = "f32"):
         self.runtime = runtime  # "onnxruntime" or "openvino"
         self.device = device  # "cuda" or "cpu"
         self.note = note  # one line to tell the user (e.g. the CUDA fallback), or None
+        self.precision = precision  # one of PRECISIONS
+
+    @property
+    def label(self) -> str:
+        """What runs the graph, as the summary line says it: the runtime, and the
+        precision unless float32 (``openvino bf16``)."""
+        return self.runtime if self.precision == "f32" else f"{self.runtime} {self.precision}"
 
     @property
     @abstractmethod
@@ -152,25 +163,38 @@ def open_session(
     threads: int | None = None,
     runtime: str = "onnxruntime",
     bind: bool | None = None,
+    precision: str = "f32",
 ) -> Session:
     """A session on ``device`` ("auto", "cuda" or "cpu") run by ``runtime`` ("auto",
-    "onnxruntime" or "openvino").
+    "onnxruntime" or "openvino") in ``precision`` (:data:`PRECISIONS`).
 
     ``auto`` device uses CUDA only where it really loads, else says one line and uses the
     CPU; ``cuda`` fails with one line when CUDA does not load.  ``auto`` runtime: see the
     module docstring.  ``bind``: onnxruntime batches through I/O binding (default: on
-    CUDA only).
+    CUDA only).  ``bf16`` runs on OpenVINO's CPU plugin only: ``auto`` runtime and device
+    then mean OpenVINO on the CPU, and onnxruntime or CUDA fail in one line.
     """
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}: choose auto, cuda or cpu")
     if runtime not in RUNTIMES:
         raise DeviceError(f"unknown runtime {runtime!r}: choose {', '.join(RUNTIMES)}")
+    if precision not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    if precision != "f32":
+        if device == "cuda":
+            raise DeviceError(f"--precision {precision} runs on the CPU (OpenVINO): not on CUDA")
+        if runtime == "onnxruntime":
+            raise DeviceError(
+                f"--precision {precision} runs on OpenVINO: onnxruntime computes in float32 "
+                "(use --runtime openvino or auto)"
+            )
+        runtime = "openvino"
     if runtime == "openvino":
         if device == "cuda":
             raise DeviceError("--runtime openvino runs on the CPU: use onnxruntime for CUDA")
         from .runtime_ov import open_openvino
 
-        return open_openvino(model, threads, None)
+        return open_openvino(model, threads, None, precision)
     src = model if isinstance(model, bytes) else str(model)
     if device == "cpu":
         return _cpu(src, threads, None, bind)

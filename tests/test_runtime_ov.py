@@ -21,10 +21,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from convlens.engine.outdir import read_results
-from convlens.engine.plan import RunOptions
+from convlens.engine.plan import RunError, RunOptions
 from convlens.engine.run import run
 from convlens.engine.runtime import DeviceError, open_session
-from convlens.engine.runtime_ov import available
+from convlens.engine.runtime_ov import available, has_bf16
 
 if not available():
     if os.environ.get("CONVLENS_REQUIRE_OPENVINO") == "1":
@@ -134,3 +134,103 @@ def test_openvino_refuses_in_one_line() -> None:
     s = open_session(model, "cpu", runtime="auto")
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     np.testing.assert_array_equal(s.run(["y"], {"x": x})[0], 2 * x)
+
+
+# ---- --precision bf16 -----------------------------------------------------------------
+needs_bf16 = pytest.mark.skipif(
+    not has_bf16(), reason="this CPU has no native bf16 (OpenVINO lists no BF16 capability)"
+)
+
+
+def run_precisions(model: Path, inputs: list[str], tmp: Path) -> dict[str, Path]:
+    """The float32 reference (onnxruntime) and a bf16 run (OpenVINO), maps saved."""
+    out = {}
+    for precision in ("f32", "bf16"):
+        opts = RunOptions(device="cpu", precision=precision, save_maps=True, batch_size=8)
+        s = run(model, inputs, tmp / precision, opts, warn=lambda _: None)
+        label = "onnxruntime" if precision == "f32" else "openvino bf16"
+        assert s.failed == 0 and s.line().endswith(f"img/s on cpu via {label}"), s.line()
+        out[precision] = tmp / precision
+    return out
+
+
+def assert_close_in_bf16(dirs: dict[str, Path]) -> int:
+    """bf16 against float32 on a trained model: the same top-1 class, probabilities within
+    0.03, every map with Pearson r >= 0.995, channel means within 1 % of the layer's
+    largest and zero fractions within 0.02 (measured on the demo: r >= 0.9994, |dp| <=
+    0.003; on the zoo |dp| <= 0.014; README, Speed).  The number of maps compared."""
+    a, b = ({r.id: r for r in read_results(d).records} for d in dirs.values())
+    assert a.keys() == b.keys() and a
+    compared = 0
+    for i, ra in a.items():
+        rb = b[i]
+        assert ra.predictions[0].index == rb.predictions[0].index, i
+        pb = {p.index: p.prob for p in rb.predictions}
+        for p in ra.predictions:
+            if p.index in pb:
+                assert abs(p.prob - pb[p.index]) <= 0.03, (i, p.index)
+        with np.load(dirs["f32"] / ra.maps) as ma, np.load(dirs["bf16"] / rb.maps) as mb:
+            for k in set(ma.files) & set(mb.files):
+                x, y = ma[k].astype(np.float64).ravel(), mb[k].astype(np.float64).ravel()
+                if x.std() > 1e-6 * max(float(np.abs(x).max()), 1e-12):
+                    assert np.corrcoef(x, y)[0, 1] >= 0.995, (i, k)
+                    compared += 1
+    sa, sb = (json.loads((d / "stats.json").read_text()) for d in dirs.values())
+    for layer, la in sa.items():
+        x, y = np.array(la["mean"], float), np.array(sb[layer]["mean"], float)
+        assert np.abs(x - y).max() <= 0.01 * np.abs(x).max(), layer
+        za, zb = np.array(la["zero_fraction"], float), np.array(sb[layer]["zero_fraction"], float)
+        assert np.abs(za - zb).max() <= 0.02, layer
+    return compared
+
+
+@needs_bf16
+def test_bf16_close_to_float32_on_demo(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    model, photos = demo_model
+    dirs = run_precisions(model, [str(photos)], tmp_path)
+    assert assert_close_in_bf16(dirs) >= 15 * 3
+    # bf16 results are not float32 results: the OUTDIR's fingerprint tells them apart
+    with pytest.raises(RunError, match="precision"):
+        run(model, [str(photos)], dirs["f32"], RunOptions(device="cpu", precision="bf16"))
+
+
+@needs_bf16
+@pytest.mark.parametrize("name", ["gap_dense", "flatten_sigmoid"])
+def test_bf16_close_to_float32_on_zoo(
+    zoo: dict[str, dict[str, Path]], demo_model: tuple[Path, Path], name: str, tmp_path: Path
+) -> None:
+    _, photos = demo_model
+    dirs = run_precisions(zoo[name]["onnx"], [str(photos)], tmp_path)
+    assert assert_close_in_bf16(dirs) > 0
+
+
+def test_bf16_elsewhere_refused_in_one_line(demo_model: tuple[Path, Path]) -> None:
+    """bf16 is OpenVINO's, on the CPU: onnxruntime or CUDA say so in one line."""
+    model, _ = demo_model
+    with pytest.raises(DeviceError, match=r"^--precision bf16 runs on OpenVINO: "):
+        open_session(model, "cpu", runtime="onnxruntime", precision="bf16")
+    with pytest.raises(DeviceError, match=r"^--precision bf16 runs on the CPU"):
+        open_session(model, "cuda", runtime="auto", precision="bf16")
+    with pytest.raises(DeviceError, match="unknown precision 'fp8'"):
+        open_session(model, "cpu", precision="fp8")
+
+
+def _conv_precisions(session: object) -> set[str]:
+    """The precisions OpenVINO's compiled graph runs its convolutions in."""
+    info = [op.get_rt_info() for op in session.compiled.get_runtime_model().get_ops()]  # type: ignore[attr-defined]
+    return {
+        i["runtimePrecision"].astype(str)
+        for i in info
+        if i["layerType"].astype(str) == "Convolution"
+    }
+
+
+@needs_bf16
+def test_bf16_really_runs_in_bf16(demo_model: tuple[Path, Path]) -> None:
+    """The closeness tests above would pass on a float32 graph: this one checks that
+    OpenVINO compiled the convolutions in bf16, and in f32 by default."""
+    model, _ = demo_model
+    bf16 = open_session(model, "cpu", runtime="auto", precision="bf16")
+    assert (bf16.runtime, bf16.label) == ("openvino", "openvino bf16")
+    assert _conv_precisions(bf16) == {"bf16"}
+    assert _conv_precisions(open_session(model, "cpu", runtime="openvino")) == {"f32"}
