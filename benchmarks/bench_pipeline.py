@@ -100,15 +100,11 @@ def one(model: str, images: str, cfg: dict[str, Any], scratch: str) -> dict[str,
     import convlens.reports.assets as assets
     import convlens.reports.gridpolicy as gridpolicy
     from convlens.engine.run import RunOptions
-    from convlens.pipeline import analyze
+    from convlens.reports import render_report
 
     assets.REPORT_WORKERS = int(cfg["report_thread"])  # True: 1 thread
     run.FORWARD_AHEAD = 1 if cfg["forward_ahead"] else 0
     notable = gridpolicy.GRID_NOTABLE if cfg["grid_cap"] else 10**9
-    # the sink's default argument was bound at import: patch the class's defaults
-    defaults = list(assets.ReportAssetSink.__init__.__defaults__ or ())
-    defaults[-1] = notable
-    assets.ReportAssetSink.__init__.__defaults__ = tuple(defaults)
     opts = RunOptions(
         device="cpu",
         workers=cfg["workers"],
@@ -123,18 +119,22 @@ def one(model: str, images: str, cfg: dict[str, Any], scratch: str) -> dict[str,
     out = Path(tempfile.mkdtemp(dir=scratch, prefix="run-"))
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    res = analyze(model, [images], out / "o", opts, report=cfg["report"])
+    # convlens.pipeline.analyze's two steps, with the sink's grid cap as configured
+    sinks = [assets.ReportAssetSink(grid_notable=notable)] if cfg["report"] else []
+    summary = run.run(model, [images], out / "o", opts, sinks=sinks)
+    if cfg["report"]:
+        render_report(out / "o")
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
     size = sum(p.stat().st_size for p in (out / "o").rglob("*") if p.is_file())
     grids = out / "o" / "assets" / "grids"
     gridded = sum(1 for d in grids.iterdir() if any(d.iterdir())) if grids.is_dir() else 0
-    n = res.summary.processed
+    n = summary.processed
     return {
         "images": n,
         "wall": wall,
-        "engine": res.summary.seconds,
+        "engine": summary.seconds,
         "cpu": cpu,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "kb_per_image": size / 1024 / max(n, 1),
