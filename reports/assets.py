@@ -91,8 +91,9 @@ from .imaging import (
     atomic_write_bytes,
     atomic_write_text,
     cam_levels_batch,
-    encode_grid,
+    encode_grid_levels,
     encode_indexed_png,
+    normalise_channels,
     thumbnail,
     to_bgr,
     to_uint8,
@@ -300,7 +301,8 @@ class ReportAssetSink:
             key: copies.setdefault(id(raw), np.array(raw, np.float32))
             for key, raw in outcome.maps.items()
         }
-        acts = {k: np.array(a) for k, a in outcome.activations.items()} if grids else {}
+        # a grid's levels (uint8, a quarter of the floats), not a copy of the activations
+        acts = {k: normalise_channels(a) for k, a in outcome.activations.items()} if grids else {}
         self.timings["thumbs_overlays_s"] += time.perf_counter() - t0
         held = thumb.nbytes + sum(a.nbytes for a in (*maps.values(), *acts.values()))
         self._work.submit(self._render, safe_id(record.id), thumb, maps, acts, weight=held)
@@ -310,7 +312,7 @@ class ReportAssetSink:
         rid: str,
         thumb: np.ndarray,
         maps: dict[tuple[str, int], np.ndarray],
-        activations: dict[str, np.ndarray],
+        levels_by_layer: dict[str, np.ndarray],
     ) -> dict[str, float]:
         """One image's files (on a report thread); what it did, for the counters."""
         assert self._root is not None
@@ -325,14 +327,14 @@ class ReportAssetSink:
                 atomic_write_bytes(path, encode_indexed_png(levels))
         t1 = time.perf_counter()
         done = {"thumbnails": 1, "overlays": len(maps), "thumbs_overlays_s": t1 - t0}
-        if activations:
+        if levels_by_layer:
             grid_dir = os.path.join(self._root, GRIDS_DIR, rid)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(grid_dir)
-            for layer, act in activations.items():
+            for layer, grid_levels in levels_by_layer.items():
                 path = os.path.join(grid_dir, grid_file_name(layer))
-                atomic_write_bytes(path, encode_grid(act))
-            done |= {"grid_images": 1, "grid_files": len(activations)}
+                atomic_write_bytes(path, encode_grid_levels(grid_levels))
+            done |= {"grid_images": 1, "grid_files": len(levels_by_layer)}
             done["grids_s"] = time.perf_counter() - t1
         return done
 

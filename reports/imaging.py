@@ -16,13 +16,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from convlens.engine.results import atomic_write_bytes as write_atomically
+
 _isal_zlib: Any
 try:  # ISA-L's deflate, 3.6x zlib's fastest fit on grids (GRID_PNG_COMPRESSION)
     from isal import isal_zlib as _isal_zlib
 except ImportError:  # a platform without isal's wheels: zlib, slower, the same pixels
     _isal_zlib = None
 
-from convlens.engine.results import atomic_write_bytes as write_atomically
 
 #: colour maps by the name assets.json records (OpenCV ids); the report draws the legend
 #: of the map a run's files were made with (older runs: turbo)
@@ -331,17 +332,18 @@ def grid_palette(colormap: int) -> tuple[np.ndarray, np.ndarray, int] | None:
     return found
 
 
-def _grid_mosaic(act: np.ndarray, of_level: np.ndarray | None, gap: int) -> np.ndarray:
-    """(H, W) uint8 of the grid file: every tile's levels (through ``of_level`` when
-    given), ``gap`` in the gaps and the unused cells of the last row."""
-    a = np.asarray(act)
+def _grid_mosaic(levels: np.ndarray, of_level: np.ndarray | None, gap: int) -> np.ndarray:
+    """(H, W) uint8 of the grid file of (h, w, k) ``levels`` (:func:`normalise_channels`):
+    every tile's levels (through ``of_level`` when given), ``gap`` in the gaps and the
+    unused cells of the last row."""
+    a = np.asarray(levels)
     if a.ndim == 2:
         a = a[:, :, None]
-    if a.ndim != 3:
-        raise ValueError(f"activation must be (h, w, k), got shape {a.shape}")
+    if a.ndim != 3 or a.dtype != np.uint8:
+        raise ValueError(f"levels must be (h, w, k) uint8, got {a.dtype} {a.shape}")
     h, w, k = a.shape
     th, tw = file_tile_size(h, w)
-    tiles = _resize_channels(normalise_channels(a), th, tw)  # (th, tw, k)
+    tiles = _resize_channels(a, th, tw)  # (th, tw, k)
     if of_level is not None:
         tiles = of_level[tiles]
     cols = min(GRID_COLS, k)
@@ -370,14 +372,18 @@ def activation_grid(act: np.ndarray, colormap: int = GRID_COLORMAP) -> np.ndarra
     to :func:`file_tile_size`, and coloured with ``colormap``.  See
     :func:`grid_file_shape` for the image size (:func:`grid_shape`: on the page).
     """
+    return grid_pixels(normalise_channels(act), colormap)
+
+
+def grid_pixels(levels: np.ndarray, colormap: int = GRID_COLORMAP) -> np.ndarray:
+    """The BGR pixels of the grid of (h, w, k) ``levels`` (:func:`activation_grid`)."""
     pal = grid_palette(colormap)
     if pal is not None:
         of_level, palette, gap = pal
-        return palette[_grid_mosaic(act, of_level, gap)]
+        return palette[_grid_mosaic(levels, of_level, gap)]
     # every level its own colour: colour the levels, then paint the gaps white
-    levels = _grid_mosaic(act, None, 0)
-    img = _lut(colormap)[levels]
-    a = np.asarray(act)
+    img = _lut(colormap)[_grid_mosaic(levels, None, 0)]
+    a = np.asarray(levels)
     h, w = a.shape[:2]
     k = a.shape[2] if a.ndim == 3 else 1
     th, tw = file_tile_size(h, w)
@@ -395,18 +401,26 @@ def activation_grid(act: np.ndarray, colormap: int = GRID_COLORMAP) -> np.ndarra
 
 
 def encode_grid(act: np.ndarray, colormap: int = GRID_COLORMAP) -> bytes:
-    """The PNG file of an activation grid (:func:`activation_grid`'s pixels, lossless).
+    """The PNG file of an activation grid (:func:`activation_grid`'s pixels, lossless):
+    :func:`encode_grid_levels` of :func:`normalise_channels`."""
+    return encode_grid_levels(normalise_channels(act), colormap)
+
+
+def encode_grid_levels(levels: np.ndarray, colormap: int = GRID_COLORMAP) -> bytes:
+    """The PNG file of the grid of (h, w, k) ``levels``, an activation already through
+    :func:`normalise_channels` (the report's sink does that on the engine's thread: its
+    writer threads get a quarter of the bytes, not a copy of the activations).
 
     A paletted PNG when the colour map's levels and white fit 256 entries (the default,
-    viridis), deflated by :func:`deflate_grid`; an RGB
-    PNG otherwise.  Measured on VGG16 (160 px), the small benchmark model and the demo:
-    as fast as JPEG quality 92 of the same native-size pixels and ~15 % larger, without
-    its 8x8-block and chroma artifacts across the 1 px gaps of tiny tiles."""
+    viridis), deflated by :func:`deflate_grid`; an RGB PNG otherwise.  Measured on
+    VGG16 (160 px), the small benchmark model and the demo: as fast as JPEG quality 92
+    of the same native-size pixels and ~15 % larger, without its 8x8-block and chroma
+    artifacts across the 1 px gaps of tiny tiles."""
     pal = grid_palette(colormap)
     if pal is None:
-        return encode_image(activation_grid(act, colormap), ".png")
+        return encode_image(grid_pixels(levels, colormap), ".png")
     of_level, palette, gap = pal
-    return encode_paletted_png(_grid_mosaic(act, of_level, gap), palette, deflate_grid)
+    return encode_paletted_png(_grid_mosaic(levels, of_level, gap), palette, deflate_grid)
 
 
 # ---- files -------------------------------------------------------------------------
