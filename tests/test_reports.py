@@ -671,6 +671,7 @@ def _old_upscaled_grid(act: np.ndarray, colormap: int) -> np.ndarray:
         ((48, 48, 3), "viridis"),  # large enough: never scaled
         ((7, 7, 20), "turbo"),  # 256 colours: no room for white in a palette -> RGB PNG
         ((140, 140, 2), "viridis"),  # reduced to MAX_TILE as before
+        ((160, 100, 37), "viridis"),  # reduced, not square, full rows and a last one
     ],
 )
 def test_grid_file_is_the_upscaled_grid_downsampled(
@@ -696,7 +697,17 @@ def test_grid_file_is_the_upscaled_grid_downsampled(
     fh, fw = I.file_tile_size(h, w)
     th, tw = I.tile_size(h, w)
     if max(h, w) > I.MAX_TILE:
-        assert (fh, fw) == (th, tw) == (I.MAX_TILE, I.MAX_TILE)
+        assert max(fh, fw) == max(th, tw) == I.MAX_TILE and (fh, fw) == (th, tw)
+        # each tile: the channel's levels reduced by OpenCV's area filter, to one level
+        # (imaging._area_planes does it one axis at a time, rounding in between)
+        u8 = I.normalise_channels(act)
+        mosaic = I._grid_mosaic(u8, None, 0).astype(int)
+        cols = min(I.GRID_COLS, k)
+        for i in range(k):
+            r, c = divmod(i, cols)
+            tile = mosaic[r * (fh + 1) : r * (fh + 1) + fh, c * (fw + 1) : c * (fw + 1) + fw]
+            ref = cv2.resize(u8[:, :, i], (fw, fh), interpolation=cv2.INTER_AREA).astype(int)
+            assert np.abs(tile - ref).max() <= 1, i
         return
     assert (fh, fw) == (h, w)
     old = _old_upscaled_grid(act, cmap)
