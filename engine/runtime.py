@@ -9,11 +9,12 @@ onnxruntime-gpu's multi-line noise) and the runtime:
   bought nothing there: ``benchmarks/bench_runtime.py``).
 - ``openvino`` (the ``[openvino]`` extra, :mod:`convlens.engine.runtime_ov`): CPU only.
   The one runtime for ``precision="bf16"`` (float32 everywhere else).
-- ``auto``: onnxruntime, on CUDA and on the CPU (OpenVINO for ``bf16``).  Measured (``benchmarks/bench.py`` rows
-  3/3v and 4/4v, ``benchmarks/bench_runtime.py``; README, Benchmarks): in float32
-  OpenVINO ran the plain exports about as fast as onnxruntime and the analysis graph
-  (gradients, statistics) slower, in isolation and in whole runs; its lead in the issue's
-  figures came from its bf16 default, which moves CAM gradients by per cents.  A timed
+- ``auto``: onnxruntime, on CUDA and on the CPU (OpenVINO for ``bf16``).  Measured
+  (``benchmarks/bench.py`` rows 3/3v and 4/4v, ``benchmarks/bench_runtime.py``; README,
+  Benchmarks): in float32 OpenVINO ran the plain exports about as fast as onnxruntime
+  and the analysis graph (gradients, statistics) slower, in isolation and in whole runs;
+  its lead in the issue's figures came from its bf16 default, which moves CAM gradients
+  by per cents (``--precision bf16`` asks for it: README, Speed).  A timed
   probe at start was tried and dropped: on a shared machine the same call varied 2x, so
   it chose at random and cost a second or more.
 
