@@ -248,7 +248,7 @@ class ReportAssetSink:
         copy = ReportAssetSink(grids, self.grid_sample, self.thumb_size, grid_notable=0)
         if grids == "sample":  # the first places of the order: as if every one were ok
             head = self.policy.head()
-            copy.policy.expect(head, head)
+            copy.policy.expect_ids(head, head)
         return copy
 
     def flush(self) -> None:

@@ -84,16 +84,20 @@ class GridPolicy:
         self._first_ok: list[int] = []  # sorted places of the first ok images known
         self._first_notable: list[int] = []  # the same, of the notable ones
 
-    def expect(self, order: Sequence[str], done: Iterable[str] | Mapping[str, Record]) -> None:
-        """The run's input order (ids) and the ok images already done (their records,
-        or their ids alone)."""
+    def expect(self, order: Sequence[str], done: Mapping[str, Record]) -> None:
+        """The run's input order (ids) and the ok records already done, by id."""
+        self._expect(order, done, [i for i, r in done.items() if notable(r)])
+
+    def expect_ids(self, order: Sequence[str], ok: Iterable[str]) -> None:
+        """The run's input order and ok images known by id alone, none of them notable (a
+        Ray worker's copy of the sink: :meth:`ReportAssetSink.for_worker`)."""
+        self._expect(order, ok, [])
+
+    def _expect(self, order: Sequence[str], ok: Iterable[str], notable_ids: list[str]) -> None:
         self._position = places(order)
-        done_at = (self._position[i] for i in done if i in self._position)
-        self._first_ok = sorted(done_at)[: self.grid_sample]
-        records: list[tuple[str, Record]] = []  # given ids alone: none is notable
-        if isinstance(done, Mapping):
-            records = list(done.items())
-        notable_at = (self._position[i] for i, r in records if i in self._position and notable(r))
+        ok_at = (self._position[i] for i in ok if i in self._position)
+        self._first_ok = sorted(ok_at)[: self.grid_sample]
+        notable_at = (self._position[i] for i in notable_ids if i in self._position)
         self._first_notable = sorted(notable_at)[: self.grid_notable]
 
     def decide(self, record: Record) -> bool:
