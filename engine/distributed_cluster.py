@@ -38,11 +38,16 @@ class Placement:
     @classmethod
     def of(cls, resources: dict[str, float], options: RunOptions) -> Placement:
         """GPU actors (one GPU, the CPUs per GPU for decoding) with ``--device cuda``,
-        or ``auto`` on a cluster with GPUs; else one CPU per actor, one actor per CPU."""
+        or ``auto`` on a cluster with GPUs unless the run is OpenVINO's (``--runtime
+        openvino``, ``--precision bf16``: CPU only); else one CPU per actor, one actor
+        per CPU."""
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
         if options.device == "cuda" and not gpus:
             raise RunError("--device cuda: the Ray cluster has no GPU")
-        if gpus and options.device in ("cuda", "auto"):
+        cpu_only = options.runtime == "openvino" or options.precision != "f32"
+        if options.device == "cuda" and cpu_only:
+            raise RunError("--device cuda: --runtime openvino and --precision bf16 run on the CPU")
+        if gpus and (options.device == "cuda" or (options.device == "auto" and not cpu_only)):
             per = max(1, cpus // gpus)
             return cls(options.ray_workers or gpus, per, 1, "cuda")
         return cls(options.ray_workers or max(1, cpus), 1, 0, "cpu")

@@ -16,7 +16,6 @@ open their own, on first use: the network after the CAM tensor cut out of the gr
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +43,6 @@ from .runtime import DeviceError, Session, open_session
 from .sinks import ImageOutcome, ResultSink
 from .stats import ClassCAMs, RunStats, in_stats_sample
 from .tail import TAIL_OUTPUTS, TailError, TailGraph, cut_tail
-
-#: threads writing --save-maps files (I/O: their fsyncs wait on the disk, not the CPU)
-MAP_WRITERS = 8
 
 
 @dataclass
@@ -94,12 +90,6 @@ class Inference:
         self.outdir = outdir
         self.sinks = list(sinks)
         self.names = main_outputs(plan)
-        #: --save-maps: the threads that write a batch's map files (see _save_maps)
-        self._map_writer = (
-            cf.ThreadPoolExecutor(MAP_WRITERS, thread_name_prefix="maps")
-            if plan.save_maps
-            else None
-        )
         # with sinks, the main graph also hands out the activations of the batch rows
         # ACT_ROWS names (none: empty outputs, nothing copied), see _early_rows
         act_rows = bool(self.sinks and plan.spec.activation_outputs)
@@ -226,7 +216,6 @@ class Inference:
         if plan.methods:
             cams.add(classes[:, 0], normalize(maps[plan.methods[0]][:, 0]))
         results = [self._outcome(d, i, probs, order, classes, maps) for i, d in enumerate(good)]
-        self._save_maps(results)
         self._attach_metrics(x, probs, classes, maps, results)
         self._attach_activations(x, results, fwd.early)
         return results
@@ -379,28 +368,10 @@ class Inference:
                 for t, c in enumerate(classes[i].tolist()):
                     per_image.setdefault((m, int(c)), arr[i, t])
         if plan.save_maps:
-            rec.maps = f"maps/{rec.id}.npz"  # written by _save_maps
+            rel = f"maps/{rec.id}.npz"
+            atomic_save_npz(self.outdir / rel, {f"{m}/{c}": v for (m, c), v in per_image.items()})
+            rec.maps = rel
         return ImageOutcome(record=rec, image=d.image, maps=per_image)
-
-    def _save_maps(self, results: list[ImageOutcome]) -> None:
-        """--save-maps: each image's ``maps/<id>.npz``, durable (fsynced) before this
-        returns, so before its record is.  :data:`MAP_WRITERS` threads write a batch's
-        files at once, so that their fsyncs share the file system's journal commits
-        (small model, ``--cam gradcam --top-k 1``: one file at a time cost 1.1 ms of CPU
-        an image more than no fsync at all)."""
-        if self._map_writer is None:
-            return
-        jobs = [
-            self._map_writer.submit(
-                atomic_save_npz,
-                self.outdir / oc.record.maps,
-                {f"{m}/{c}": v for (m, c), v in oc.maps.items()},
-            )
-            for oc in results
-            if oc.record.maps
-        ]
-        for job in jobs:
-            job.result()
 
     def _attach_activations(
         self,

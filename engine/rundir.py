@@ -127,7 +127,10 @@ class RunDir:
             path = self.path / RUN_JSON
             return self._rederive(f"{path} is not a convlens run's (no fingerprint)", fingerprint)
         if before != fingerprint:
-            changed = [k for k, v in fingerprint.items() if before.get(k) != v]
+            # both ways: an opt-in setting is in a fingerprint only when it is asked for
+            changed = sorted(
+                k for k in before.keys() | fingerprint.keys() if before.get(k) != fingerprint.get(k)
+            )
             raise RunError(
                 f"{self.path} holds results of another model or other settings "
                 f"({', '.join(changed)} differ); use --force to recompute, or another -o"

@@ -130,7 +130,7 @@ def open_openvino(
 ) -> OvSession:
     """``--runtime openvino``: the session, or one line saying why not."""
     if not available():
-        raise DeviceError(MISSING)
+        raise DeviceError(MISSING if precision == "f32" else f"--precision {precision}: {MISSING}")
     if precision == "bf16" and not has_bf16():
         raise DeviceError(NO_BF16)
     try:

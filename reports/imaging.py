@@ -77,8 +77,7 @@ GRID_PNG_STRATEGY = zlib.Z_RLE
 #: level 1 makes it 2.6 KB but costs ~20x the time (~60 us a map against ~3 us, measured).
 HEATMAP_PNG_COMPRESSION = 0
 
-# channels per cv2.resize call: nearest handles many at once (OpenCV 5 refuses 255+)
-_NEAREST_CHUNK = 128
+# channels per cv2.resize call for linear upsampling (OpenCV 5 refuses 255+)
 _LINEAR_CHUNK = 128
 
 
@@ -289,19 +288,12 @@ def normalise_channels(act: np.ndarray) -> np.ndarray:
 
 
 def _resize_channels(u8: np.ndarray, th: int, tw: int) -> np.ndarray:
-    """(h, w, k) uint8 -> (th, tw, k) (a view, any strides): nearest when enlarging, area
-    when reducing (:func:`_area_planes`)."""
-    h, w, k = u8.shape
-    if (h, w) == (th, tw):
-        return u8
-    if th <= h and tw <= w:
-        return _area_planes(u8, th, tw)
-    out = np.empty((th, tw, k), dtype=np.uint8)
-    for s in range(0, k, _NEAREST_CHUNK):
-        chunk = np.ascontiguousarray(u8[:, :, s : s + _NEAREST_CHUNK])
-        r = cv2.resize(chunk, (tw, th), interpolation=cv2.INTER_NEAREST)
-        out[:, :, s : s + _NEAREST_CHUNK] = r.reshape(th, tw, -1)
-    return out
+    """(h, w, k) uint8 -> (th, tw, k) (a view, any strides), never larger: grid files keep
+    maps at their own size or reduce them (:func:`file_tile_size`, :func:`_area_planes`)."""
+    h, w, _ = u8.shape
+    if th > h or tw > w:
+        raise ValueError(f"grid tiles are never enlarged: ({h}, {w}) -> ({th}, {tw})")
+    return u8 if (h, w) == (th, tw) else _area_planes(u8, th, tw)
 
 
 def _area_planes(u8: np.ndarray, th: int, tw: int) -> np.ndarray:
@@ -509,17 +501,6 @@ def deflate_grid(data: memoryview) -> bytes:
         return bytes(_isal_zlib.compress(data, GRID_PNG_COMPRESSION))
     z = zlib.compressobj(GRID_PNG_COMPRESSION, zlib.DEFLATED, zlib.MAX_WBITS, 8, GRID_PNG_STRATEGY)
     return z.compress(data) + z.flush()
-
-
-def encode_paletted_png(
-    indices: np.ndarray,
-    palette_bgr: np.ndarray,
-    deflate: Callable[[memoryview], bytes] = zlib.compress,
-) -> bytes:
-    """A paletted PNG of ``indices`` (h, w) uint8 with ``palette_bgr`` (n <= 256, 3) uint8:
-    the image ``palette_bgr[indices]``, its scanlines compressed by ``deflate`` (a buffer
-    to a zlib stream)."""
-    return _paletted_png(indices, _plte(palette_bgr), deflate)
 
 
 def _plte(palette_bgr: np.ndarray) -> bytes:

@@ -302,3 +302,9 @@ def test_placement_defaults_from_the_cluster() -> None:
     assert (one.threads, one.workers, one.ray) == (1, 1, None)
     with pytest.raises(RunError, match="no GPU"):
         Placement.of({"CPU": 8.0}, RunOptions(device="cuda"))
+    # OpenVINO's runs (and so bf16) are CPU only: CPU actors on a GPU cluster, or one line
+    for cpu_only in (RunOptions(precision="bf16"), RunOptions(runtime="openvino")):
+        p = Placement.of({"CPU": 32.0, "GPU": 4.0}, cpu_only)
+        assert (p.workers, p.gpus, p.device) == (32, 0, "cpu")
+    with pytest.raises(RunError, match="run on the CPU"):
+        Placement.of({"CPU": 8.0, "GPU": 1.0}, RunOptions(device="cuda", precision="bf16"))

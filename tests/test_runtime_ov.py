@@ -189,9 +189,12 @@ def test_bf16_close_to_float32_on_demo(demo_model: tuple[Path, Path], tmp_path: 
     model, photos = demo_model
     dirs = run_precisions(model, [str(photos)], tmp_path)
     assert assert_close_in_bf16(dirs) >= 15 * 3
-    # bf16 results are not float32 results: the OUTDIR's fingerprint tells them apart
-    with pytest.raises(RunError, match="precision"):
-        run(model, [str(photos)], dirs["f32"], RunOptions(device="cpu", precision="bf16"))
+    # bf16 results are not float32 results: the OUTDIR's fingerprint tells them apart,
+    # both ways, and the refusal names the setting
+    with pytest.raises(RunError, match=r"\(precision differ\)"):
+        run(model, [str(photos)], dirs["f32"], RunOptions(precision="bf16", save_maps=True))
+    with pytest.raises(RunError, match=r"\(precision differ\)"):
+        run(model, [str(photos)], dirs["bf16"], RunOptions(device="cpu", save_maps=True))
 
 
 @needs_bf16
