@@ -59,8 +59,9 @@ class RunOptions:
         default="f32",
         metadata=_doc(
             "Arithmetic of the graph: bf16 runs it on OpenVINO on the CPU (native bf16 "
-            "instructions needed), faster on convolution-heavy models, with maps and "
-            "probabilities moved by up to a few per cent (README: Speed).",
+            "instructions needed), faster on convolution-heavy models; on trained test "
+            "models probabilities moved by up to 0.014 and maps kept r >= 0.995 against "
+            "f32 (README: Speed).",
             choices=PRECISIONS,
         ),
     )
