@@ -10,6 +10,7 @@ from typing import Any
 
 from .distributed_worker import WorkerSetup
 from .plan import RunError, RunOptions
+from .runtime import cpu_only
 
 LOCAL = "local"  # --ray with no address: start a Ray instance on this machine
 
@@ -44,10 +45,10 @@ class Placement:
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
         if options.device == "cuda" and not gpus:
             raise RunError("--device cuda: the Ray cluster has no GPU")
-        cpu_only = options.runtime == "openvino" or options.precision != "f32"
-        if options.device == "cuda" and cpu_only:
+        on_cpu = cpu_only(options.runtime, options.precision)
+        if options.device == "cuda" and on_cpu:
             raise RunError("--device cuda: --runtime openvino and --precision bf16 run on the CPU")
-        if gpus and (options.device == "cuda" or (options.device == "auto" and not cpu_only)):
+        if gpus and (options.device == "cuda" or (options.device == "auto" and not on_cpu)):
             per = max(1, cpus // gpus)
             return cls(options.ray_workers or gpus, per, 1, "cuda")
         return cls(options.ray_workers or max(1, cpus), 1, 0, "cpu")

@@ -203,11 +203,20 @@ def read_results(outdir: Path, repair: bool = False) -> ResultsRead:
     for line in data[:end].splitlines():
         if not line.strip():
             continue
-        try:
-            found.records.append(Record.from_json(json.loads(line)))
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError, not a record
+        rec = _record(line)
+        if rec is None:
             found.bad_lines += 1
+        else:
+            found.records.append(rec)
     return found
+
+
+def _record(line: bytes) -> Record | None:
+    """One line of results.jsonl as a record; None when it is not one."""
+    try:
+        return Record.from_json(json.loads(line))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, not a record
+        return None
 
 
 def iter_results(outdir: Path) -> Iterator[Record]:
@@ -220,12 +229,9 @@ def iter_results(outdir: Path) -> Iterator[Record]:
         return
     with open(path, "rb") as f:
         for line in f:
-            if not line.endswith(b"\n") or not line.strip():
-                continue
-            try:
-                yield Record.from_json(json.loads(line))
-            except ValueError:  # JSONDecodeError, UnicodeDecodeError, not a record
-                continue
+            rec = _record(line) if line.endswith(b"\n") and line.strip() else None
+            if rec is not None:
+                yield rec
 
 
 class ResultsLog:

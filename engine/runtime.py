@@ -42,6 +42,12 @@ RUNTIMES = ("auto", "onnxruntime", "openvino")
 PRECISIONS = ("f32", "bf16")
 
 
+def cpu_only(runtime: str, precision: str) -> bool:
+    """Whether a run with this runtime and precision runs on the CPU whatever the
+    device: OpenVINO's (``--runtime openvino``, and every precision but float32)."""
+    return runtime == "openvino" or precision != "f32"
+
+
 class DeviceError(RuntimeError):
     """The requested device or runtime cannot be used; ``str(e)`` is one line."""
 

@@ -379,4 +379,9 @@ class AssetIndex:
 
     @staticmethod
     def grid_path(image_id: str, layer: str) -> str:
-        return f"{ASSETS_DIR}/{GRIDS_DIR}/{image_id}/{grid_file_name(layer)}"
+        return AssetIndex.grid_file_path(image_id, grid_file_name(layer))
+
+    @staticmethod
+    def grid_file_path(image_id: str, fname: str) -> str:
+        """The report-relative path of the grid file ``fname`` of an image."""
+        return f"{ASSETS_DIR}/{GRIDS_DIR}/{image_id}/{fname}"

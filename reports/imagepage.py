@@ -15,7 +15,7 @@ from .context import Rendered, ReportContext
 from .data import AssetIndex, ImageEntry, LayerStats, method_label
 from .faithfulness import Faithfulness, image_faithfulness
 from .imaging import GRID_COLS, grid_shape
-from .layout import ASSETS_DIR, GRID_EXT, GRIDS_DIR, cam_file_name, grid_file_name
+from .layout import GRID_EXT, cam_file_name, grid_file_name
 
 #: grid files of runs made before the PNG grids (upscaled JPEG, shown as they are)
 LEGACY_GRID_EXT = ".jpg"
@@ -124,7 +124,7 @@ def grid_views(e: ImageEntry, files: set[str], layers: list[LayerStats]) -> list
         if fname in files:
             src = AssetIndex.grid_path(e.id, st.name)
         elif legacy in files:
-            src = f"{ASSETS_DIR}/{GRIDS_DIR}/{e.id}/{legacy}"
+            src = AssetIndex.grid_file_path(e.id, legacy)
         width = height = None
         if len(st.shape) == 3:
             height, width = grid_shape(*st.shape)
@@ -148,7 +148,7 @@ def grid_views(e: ImageEntry, files: set[str], layers: list[LayerStats]) -> list
         stem, ext = os.path.splitext(fname)
         if ext in (GRID_EXT, LEGACY_GRID_EXT) and stem not in stems:
             stems.add(stem)
-            src = f"{ASSETS_DIR}/{GRIDS_DIR}/{e.id}/{fname}"
+            src = AssetIndex.grid_file_path(e.id, fname)
             views.append(GridView(stem, [], 0, GRID_COLS, src, None, None, None))
     return views
 

@@ -439,9 +439,16 @@ def encode_grid_levels(levels: np.ndarray, colormap: int = GRID_COLORMAP) -> byt
     pal = grid_palette(colormap)
     if pal is None:
         return encode_image(grid_pixels(levels, colormap), ".png")
-    of_level, palette, gap = pal
-    lines = _grid_scanlines(levels, of_level, gap)
-    return _png(lines, _plte(palette), deflate_grid)
+    of_level, _, gap = pal
+    return _png(_grid_scanlines(levels, of_level, gap), _grid_plte(colormap), deflate_grid)
+
+
+@functools.cache
+def _grid_plte(colormap: int) -> bytes:
+    """The PLTE chunk of :func:`grid_palette`'s palette (made once per colour map)."""
+    pal = grid_palette(colormap)
+    assert pal is not None
+    return _plte(pal[1])
 
 
 # ---- files -------------------------------------------------------------------------
