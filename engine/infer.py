@@ -27,7 +27,6 @@ from .cams import METHODS, CAMInputs, normalize, upsample
 from .decode import Decoded
 from .graph import (
     ACT_ROWS,
-    STATS_PREFIX,
     STATS_ROWS,
     act_row_names,
     act_rows_nchw,
@@ -47,13 +46,14 @@ from .tail import TAIL_OUTPUTS, TailError, TailGraph, cut_tail
 
 @dataclass
 class Forward:
-    """One batch's main-session pass: its decodable images, their model input, whether
-    the statistics were asked for, the outputs, the probabilities, the classes by
-    probability, the target classes (N, targets) and each method's maps."""
+    """One batch's main-session pass: its decodable images in the order of the pass,
+    where each came from in the caller's list (None: the same order), their model
+    input, the outputs, the probabilities, the classes by probability, the target
+    classes (N, targets) and each method's maps."""
 
     good: list[Decoded]
+    perm: list[int] | None
     x: np.ndarray
-    with_stats: bool
     out: dict[str, np.ndarray]
     probs: np.ndarray
     order: np.ndarray
@@ -169,13 +169,18 @@ class Inference:
         ahead of :meth:`finish` (onnxruntime and numpy release the GIL).  Only this
         thread uses the sessions the methods open (tail, scores)."""
         plan, spec = self.plan, self.plan.spec
+        perm = self._sampled_first(good)
+        if perm is not None:
+            good = [good[i] for i in perm]
         x = np.stack([d.tensor for d in good])  # type: ignore[misc]
         targets = plan.targets(len(x))
         feeds: dict[str, np.ndarray] = {C.IN_IMAGE: x}
         if self.takes_targets:
             feeds[C.IN_TARGETS] = targets
-        names = self._stats_feed(good, feeds)
-        every_stat = names is self.names
+        if perm is not None:
+            sampled = sum(in_stats_sample(d.record.id, plan.stats_every) for d in good)
+            feeds[STATS_ROWS] = np.array([sampled], np.int64)
+        names = self.names
         early = self._early_rows(good)
         if self._early_names:
             feeds[ACT_ROWS] = np.asarray(early, np.int64)
@@ -202,7 +207,7 @@ class Inference:
             scores=self.class_scores,
         )
         maps = {m: METHODS[m].maps(inputs) for m in plan.methods}
-        return Forward(good, x, every_stat, out, probs, order, classes, maps, by_row)
+        return Forward(good, perm, x, out, probs, order, classes, maps, by_row)
 
     def finish(self, fwd: Forward, stats: RunStats, cams: ClassCAMs) -> list[ImageOutcome]:
         """A forward pass made outcomes: records, map files, metrics, activations for
@@ -210,7 +215,7 @@ class Inference:
         order, on the runner's thread."""
         plan, out, classes, maps = self.plan, fwd.out, fwd.classes, fwd.maps
         good, x, probs, order = fwd.good, fwd.x, fwd.probs, fwd.order
-        for _, layer, shape in self._layers if fwd.with_stats else ():
+        for _, layer, shape in self._layers:
             s_sum, s_max, s_zero = (out[n] for n in stat_names(layer))
             stats.update_reduced(layer, shape, s_sum, s_max, s_zero)  # type: ignore[arg-type]
         if plan.methods:
@@ -218,7 +223,9 @@ class Inference:
         results = [self._outcome(d, i, probs, order, classes, maps) for i, d in enumerate(good)]
         self._attach_metrics(x, probs, classes, maps, results)
         self._attach_activations(x, results, fwd.early)
-        return results
+        if fwd.perm is None:
+            return results
+        return [results[j] for j in np.argsort(fwd.perm)]  # the caller's order
 
     def _early_activations(
         self, rows: list[int], got: list[np.ndarray]
@@ -247,17 +254,14 @@ class Inference:
                     break
         return rows
 
-    def _stats_feed(self, good: list[Decoded], feeds: dict[str, np.ndarray]) -> list[str]:
-        """The outputs to ask for: all of them, but with --stats-every K the statistics
-        only for a batch holding sampled images, whose rows go in ``feeds``."""
+    def _sampled_first(self, good: list[Decoded]) -> list[int] | None:
+        """With --stats-every K, the batch order that puts the images in the statistics'
+        sample first (stable), so the graph reduces its first rows only; None without."""
         every = self.plan.stats_every
         if every <= 1:
-            return self.names
-        rows = [i for i, d in enumerate(good) if in_stats_sample(d.record.id, every)]
-        feeds[STATS_ROWS] = np.asarray(rows or [0], np.int64)
-        if rows:
-            return self.names
-        return [n for n in self.names if not n.startswith(STATS_PREFIX)]
+            return None
+        inside = [in_stats_sample(d.record.id, every) for d in good]
+        return sorted(range(len(good)), key=lambda i: not inside[i])
 
     def _probabilities(self, raw: np.ndarray) -> np.ndarray:
         if self.plan.spec.head.activation == "linear" and raw.shape[1] > 1:

@@ -32,11 +32,13 @@ if not available():
     pytest.skip("needs the [openvino] extra (openvino does not import)", allow_module_level=True)
 
 
-def run_both(model: Path, inputs: list[str], tmp: Path) -> dict[str, Path]:
+def run_both(model: Path, inputs: list[str], tmp: Path, stats_every: int = 1) -> dict[str, Path]:
     """One run per runtime on the CPU, maps saved; the outdirs."""
     out = {}
     for rt in ("onnxruntime", "openvino"):
-        opts = RunOptions(device="cpu", runtime=rt, save_maps=True, batch_size=8)
+        opts = RunOptions(
+            device="cpu", runtime=rt, save_maps=True, batch_size=8, stats_every=stats_every
+        )
         warnings: list[str] = []
         s = run(model, inputs, tmp / rt, opts, warn=warnings.append)
         assert s.failed == 0 and s.runtime == rt and not warnings, (s.line(), warnings)
@@ -86,6 +88,19 @@ def test_demo_same_on_both_runtimes(demo_model: tuple[Path, Path], tmp_path: Pat
     model, photos = demo_model
     dirs = run_both(model, [str(photos)], tmp_path)
     assert assert_same_results(dirs) >= 15 * 3  # every photo, top 3, every method
+
+
+def test_sampled_statistics_same_on_both_runtimes(
+    demo_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--stats-every: both runtimes reduce the batch's leading rows (the sampled images,
+    put first) and hand every record back to its own image."""
+    model, photos = demo_model
+    dirs = run_both(model, [str(photos)], tmp_path, stats_every=3)
+    assert assert_same_results(dirs) >= 15 * 3
+    docs = [json.loads((d / "stats.json").read_text()) for d in dirs.values()]
+    counts = {layer["count"] for doc in docs for layer in doc.values()}
+    assert len(counts) == 1 and 0 < counts.pop() < 15  # one sample, the same on both
 
 
 @pytest.mark.parametrize("name", ["gap_dense", "flatten_sigmoid", "nested"])

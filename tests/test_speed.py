@@ -15,7 +15,7 @@ import pytest
 
 from convlens.engine import contract as C
 from convlens.engine.images import Preprocessor, jpeg_reduction, read_image, read_image_shrunk
-from convlens.engine.outdir import Prediction, Record
+from convlens.engine.outdir import Prediction, Record, read_results
 from convlens.engine.results import image_id
 from convlens.engine.run import RunOptions, run
 from convlens.engine.stats import in_stats_sample
@@ -46,10 +46,25 @@ def test_stats_every_is_numpy_over_the_sampled_images(
     paths = sorted(photos.rglob("*.jpg"))
     sampled = [p for p in paths if in_stats_sample(image_id(p), 3)]
     assert 0 < len(sampled) < len(paths)
-    opts = RunOptions(device="cpu", batch_size=4, stats_every=3)
+    opts = RunOptions(device="cpu", batch_size=4, stats_every=3, save_maps=True)
     out = tmp_path / "o"
     run(model, [str(photos)], out, opts, progress=False)
     stats = json.loads((out / "stats.json").read_text())
+    # the engine puts a batch's sampled images first for the graph: every record and map
+    # still belongs to its own image, in the input order
+    every = tmp_path / "every"
+    run(model, [str(photos)], every, RunOptions(device="cpu", batch_size=4, save_maps=True))
+    got, want = read_results(out).records, read_results(every).records
+    assert [r.id for r in got] == [r.id for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert [p.index for p in g.predictions] == [p.index for p in w.predictions]
+        np.testing.assert_allclose(
+            [p.prob for p in g.predictions], [p.prob for p in w.predictions], atol=1e-6
+        )
+        with np.load(out / str(g.maps)) as a, np.load(every / str(w.maps)) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for k in a.files:
+                np.testing.assert_allclose(a[k], b[k], atol=1e-5)
     for layer, a in _numpy_stats(model, sampled).items():
         s = stats[layer]
         assert s["count"] == len(sampled)
