@@ -5,7 +5,7 @@ is pruned in memory to what each session serves: the main session computes
 predictions, the CAM tensor, gradients, target indices and the per-channel statistics
 (reductions added to the graph) and, when the run has sinks, the activations of the
 batch rows a sink surely wants them for (the report's grid sample:
-:meth:`Inference._early_rows`; no row: empty outputs), so those images are not run
+:meth:`Inference._wants_early`; no row: empty outputs), so those images are not run
 twice; another, only the activations, for the images a sink wants them for once their
 predictions are known; one more (--metrics), only the predictions, for the perturbed copies of the batch's images that the faithfulness
 metrics (:mod:`convlens.engine.metrics`) build in memory.  The perturbation CAM methods
@@ -91,7 +91,7 @@ class Inference:
         self.sinks = list(sinks)
         self.names = main_outputs(plan)
         # with sinks, the main graph also hands out the activations of the batch rows
-        # ACT_ROWS names (none: empty outputs, nothing copied), see _early_rows
+        # ACT_ROWS names (none: empty outputs, nothing copied), see _arrange
         act_rows = bool(self.sinks and plan.spec.activation_outputs)
         self._early_names = act_row_names(plan.spec) if act_rows else []
         self._early_nchw: list[bool] = []  # per early output: NCHW, read as a view
@@ -169,7 +169,7 @@ class Inference:
         ahead of :meth:`finish` (onnxruntime and numpy release the GIL).  Only this
         thread uses the sessions the methods open (tail, scores)."""
         plan, spec = self.plan, self.plan.spec
-        perm = self._sampled_first(good)
+        perm, sampled, (a, b) = self._arrange(good)
         if perm is not None:
             good = [good[i] for i in perm]
         x = np.stack([d.tensor for d in good])  # type: ignore[misc]
@@ -177,13 +177,12 @@ class Inference:
         feeds: dict[str, np.ndarray] = {C.IN_IMAGE: x}
         if self.takes_targets:
             feeds[C.IN_TARGETS] = targets
-        if perm is not None:
-            sampled = sum(in_stats_sample(d.record.id, plan.stats_every) for d in good)
+        if plan.stats_every > 1:
             feeds[STATS_ROWS] = np.array([sampled], np.int64)
         names = self.names
-        early = self._early_rows(good)
+        early = list(range(a, b))
         if self._early_names:
-            feeds[ACT_ROWS] = np.asarray(early, np.int64)
+            feeds[ACT_ROWS] = np.array([a, b], np.int64)
         if early:
             names = names + self._early_names
         out = dict(zip(names, self.session.run(names, feeds), strict=True))
@@ -222,10 +221,9 @@ class Inference:
             cams.add(classes[:, 0], normalize(maps[plan.methods[0]][:, 0]))
         results = [self._outcome(d, i, probs, order, classes, maps) for i, d in enumerate(good)]
         self._attach_metrics(x, probs, classes, maps, results)
-        self._attach_activations(x, results, fwd.early)
-        if fwd.perm is None:
-            return results
-        return [results[j] for j in np.argsort(fwd.perm)]  # the caller's order
+        back = list(range(len(good))) if fwd.perm is None else np.argsort(fwd.perm).tolist()
+        self._attach_activations(x, results, fwd.early, back)
+        return [results[j] for j in back]  # the caller's order
 
     def _early_activations(
         self, rows: list[int], got: list[np.ndarray]
@@ -238,30 +236,35 @@ class Inference:
         hwk = [(k, a.transpose(0, 2, 3, 1) if nchw else a) for k, a, nchw in per_layer]
         return {row: {k: a[j] for k, a in hwk} for j, row in enumerate(rows)}
 
-    def _early_rows(self, good: list[Decoded]) -> list[int]:
-        """The rows whose activations a sink will want whatever their predictions: a
+    def _arrange(self, good: list[Decoded]) -> tuple[list[int] | None, int, tuple[int, int]]:
+        """The order of a batch in the main pass, so that each graph slice covers a run
+        of rows: the images in the statistics' sample first (--stats-every; otherwise
+        every image), and those whose activations a sink surely wants
+        (:meth:`_wants_early`) on both sides of that boundary: [sampled only, sampled
+        and wanted, wanted only, neither], each group in batch order.  Returns the
+        order (None: the batch's own), the number of sampled rows and the wanted rows'
+        range ``(a, b)``."""
+        every = self.plan.stats_every
+        sampled = [in_stats_sample(d.record.id, every) for d in good]
+        wanted = [self._wants_early(d) for d in good]
+        rank = [(0, int(w)) if s else (1, 1 - int(w)) for s, w in zip(sampled, wanted, strict=True)]
+        perm = sorted(range(len(good)), key=rank.__getitem__)
+        a = rank.count((0, 0))
+        rows = (a, a + sum(wanted))
+        return (None if perm == sorted(perm) else perm), sum(sampled), rows
+
+    def _wants_early(self, d: Decoded) -> bool:
+        """Whether a sink will want this image's activations whatever its predictions: a
         sink without ``wants_activations`` wants every image's; one with
         ``surely_wants_activations(record)`` says so before the predictions exist (the
         report: the grid sample's first places).  They come out of the main pass."""
         if not self._early_names:
-            return []
-        rows = []
-        for i, d in enumerate(good):
-            for s in self.sinks:
-                surely = getattr(s, "surely_wants_activations", None)
-                if not hasattr(s, "wants_activations") or (surely and surely(d.record)):
-                    rows.append(i)
-                    break
-        return rows
-
-    def _sampled_first(self, good: list[Decoded]) -> list[int] | None:
-        """With --stats-every K, the batch order that puts the images in the statistics'
-        sample first (stable), so the graph reduces its first rows only; None without."""
-        every = self.plan.stats_every
-        if every <= 1:
-            return None
-        inside = [in_stats_sample(d.record.id, every) for d in good]
-        return sorted(range(len(good)), key=lambda i: not inside[i])
+            return False
+        for s in self.sinks:
+            surely = getattr(s, "surely_wants_activations", None)
+            if not hasattr(s, "wants_activations") or (surely and surely(d.record)):
+                return True
+        return False
 
     def _probabilities(self, raw: np.ndarray) -> np.ndarray:
         if self.plan.spec.head.activation == "linear" and raw.shape[1] > 1:
@@ -382,12 +385,14 @@ class Inference:
         x: np.ndarray,
         results: list[ImageOutcome],
         early: dict[int, dict[str, np.ndarray]],
+        calls: list[int],
     ) -> None:
         """Give each outcome its activations if a sink wants them for that image.
 
         A sink may say per image (``wants_activations(record)``, called once per ok
-        record, in order); without that method it gets them for every image.  The rows
-        :meth:`_early_rows` named came out of the main pass (``early``); the others
+        record, in the batch's own order: ``calls``, the rows of the pass in that
+        order); without that method it gets them for every image.  The rows
+        :meth:`_wants_early` named came out of the main pass (``early``); the others
         (for the report, the notable images, known from their predictions only) come
         from a second pass, over just those images, on a session pruned to the
         activations: a batch with no such image never pays for copying them out.
@@ -395,8 +400,8 @@ class Inference:
         want = np.zeros(len(results), bool)
         for s in self.sinks:
             ask = getattr(s, "wants_activations", None)
-            for i, oc in enumerate(results):
-                if ask is None or ask(oc.record):
+            for i in calls:
+                if ask is None or ask(results[i].record):
                     want[i] = True
         for row, acts in early.items():
             if want[row]:

@@ -207,6 +207,7 @@ class _ActivationRecorder:
     def __init__(self, early: set[str], late: set[str]):
         self.early, self.late = early, late
         self.got: dict[str, dict[str, np.ndarray]] = {}
+        self.asked: list[str] = []  # wants_activations' calls, in order
 
     def open(self, outdir: Path, spec: C.ModelSpec, settings: dict) -> None:
         pass
@@ -218,6 +219,7 @@ class _ActivationRecorder:
         return record.id in self.early
 
     def wants_activations(self, record: Record) -> bool:
+        self.asked.append(record.id)
         return record.id in self.early or record.id in self.late
 
     def on_batch(self, outcomes: list) -> None:
@@ -226,13 +228,27 @@ class _ActivationRecorder:
                 self.got[oc.record.id] = {k: np.array(v) for k, v in oc.activations.items()}
 
 
+@pytest.mark.parametrize(
+    ("runtime", "stats_every"),
+    [("onnxruntime", 1), ("onnxruntime", 3), ("openvino", 3)],
+)
 def test_activations_a_sink_surely_wants_come_from_the_main_pass(
-    demo_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    demo_model: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    runtime: str,
+    stats_every: int,
 ) -> None:
     """The images a sink surely wants activations for get them from the main pass (its
-    rows gathered out of the same session run), the others from a second pass over just
-    those images; both equal onnxruntime's activation outputs of the analysis file."""
+    rows sliced out of the same session run; the engine reorders a batch so that they,
+    and the statistics' sample, are runs of rows), the others from a second pass over
+    just those images; both equal onnxruntime's activation outputs of the analysis
+    file, each image its own."""
     from convlens.engine.infer import Inference
+    from convlens.engine.runtime_ov import available
+
+    if runtime == "openvino" and not available():
+        pytest.skip("needs the [openvino] extra")
 
     model, photos = demo_model
     paths = sorted(photos.rglob("*.jpg"))
@@ -254,9 +270,10 @@ def test_activations_a_sink_surely_wants_come_from_the_main_pass(
 
     monkeypatch.setattr(Inference, "_activations_session", spy)
     sink = _ActivationRecorder(early, late)
-    opts = RunOptions(device="cpu", batch_size=4)
+    opts = RunOptions(device="cpu", batch_size=4, runtime=runtime, stats_every=stats_every)
     run(model, [str(photos)], tmp_path / "o", opts, sinks=[sink], progress=False)
     assert set(sink.got) == early | late
+    assert sink.asked == ids  # in the input order, as the report's grid policy needs
     assert sum(second_pass_rows) == len(late)  # the early ones were not run again
     ref = _numpy_stats(model, paths)  # onnxruntime's activation outputs, by layer
     for i, rid in enumerate(ids):
