@@ -27,6 +27,8 @@ Rows, per model (every method in its own process; img/s is the median over repea
  4g  ``--cam gradcam --top-k 1 --no-report --save-maps`` (the issue's one-method goal)
  4v, 4'v, 4gv  the same three with ``--runtime openvino`` (what the runtime buys)
  4bf, 4gbf  4 and 4g with ``--precision bf16`` (opt-in; on CPUs with native bf16 only)
+ 4x, 4gx  4 and 4g with every opt-in speed lever: ``--precision bf16 --stats-every 8
+     --fast-decode`` (the same CPUs)
  4'b (--diagnose) 4' with OPENBLAS_NUM_THREADS=1 (numpy's BLAS threads against onnxruntime's)
 
 and a scaling row: ``convlens run`` over 100 and 1000 (``--scale-max``: up to 10000) images
@@ -61,6 +63,8 @@ NEEDS = {
     "4gv": ("openvino",),
     "4bf": ("openvino",),
     "4gbf": ("openvino",),
+    "4x": ("openvino",),
+    "4gx": ("openvino",),
     "3v": ("openvino",),
     "3vb": ("openvino",),
     "P2": ("torch", "torchvision", "pytorch_grad_cam"),
@@ -175,7 +179,7 @@ def bench_model(model: str, n: int, opts: argparse.Namespace) -> list[Result]:
     nb = opts.notebook_images or (1 if opts.quick else data.MODELS[model].notebook_images)
     results = [measure("1", model, folder, opts, repeats=1, limit=min(nb, n))]
     rows = ["2", "3", "3v", "3vb", "3a", "D", "P1", "P2", "4", "4v", "4'", "4'v", "4g", "4gv"]
-    rows += ["4bf", "4gbf"] if _has_bf16() else []
+    rows += ["4bf", "4gbf", "4x", "4gx"] if _has_bf16() else []
     rows += ["4'b"] if opts.diagnose else []
     for row in rows:
         results.append(measure(row, model, folder, opts, repeats=R))

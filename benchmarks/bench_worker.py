@@ -100,6 +100,8 @@ SUFFIXES = {  # method suffix: RunOptions fields it adds
     "": {},
     "_ov": {"runtime": "openvino"},
     "_bf16": {"runtime": "openvino", "precision": "bf16"},
+    # every opt-in speed lever at once (their accuracy costs: README, Speed)
+    "_fast": {"runtime": "openvino", "precision": "bf16", "stats_every": 8, "fast_decode": True},
 }
 
 
