@@ -7,10 +7,10 @@
   over the first ``m`` batch rows only, ``m`` given by an extra int64 input
   :data:`STATS_ROWS` of shape (1,) (``Slice`` first; the engine puts the sampled images
   first in the batch): a run that samples its statistics (``--stats-every``) pays the
-  reductions for the sampled images alone, and nothing for a batch without one
-  (``m = 0``).  A leading-rows ``Slice`` is a view on either runtime; a ``Gather`` of
-  arbitrary rows cost OpenVINO's CPU plugin more than reducing every row (VGG16, bf16:
-  34 against 24 ms an image), as it reorders its blocked layout.
+  reductions for the sampled images alone (a batch without one is not asked for them).
+  A ``Slice`` of leading rows is a cheap contiguous copy on either runtime; a ``Gather``
+  of arbitrary rows cost OpenVINO's CPU plugin more than reducing every row (VGG16,
+  bf16: 34 against 24 ms an image), as it reorders its blocked layout.
 - The graph is pruned to the outputs a session will be asked for: onnxruntime runs
   every node of a graph whatever outputs are requested, so an unused output (say the
   NHWC copy of every activation, or the gradients when no gradient method is chosen)
@@ -33,9 +33,10 @@ STATS_PREFIX = "stats/"
 STATS_ROWS = "convlens_stats_rows"
 
 
-#: with_stats(act_rows=True): the graph input ``[a, b]``: the batch rows a to b - 1 whose
-#: activations come out of the main session; and the prefix of those outputs' names
-ACT_ROWS = "convlens_act_rows"
+#: with_stats(act_rows=True): the graph inputs ``[a]`` and ``[b]``: the batch rows a to
+#: b - 1 whose activations come out of the main session; and the prefix of those outputs'
+#: names
+ACT_ROWS = ("convlens_act_rows_first", "convlens_act_rows_end")
 ACT_ROWS_PREFIX = "rows/"
 
 
@@ -128,28 +129,26 @@ def act_rows_nchw(model: Any, spec: C.ModelSpec) -> list[bool]:
 
 def add_act_rows(model: Any, spec: C.ModelSpec) -> None:
     """Add ``rows/act/<layer>`` outputs: each activation output of just the batch rows
-    ``a`` to ``b - 1``, the int64 input :data:`ACT_ROWS` being ``[a, b]`` (the engine
-    puts those rows next to each other), sliced from the NCHW tensor where tf2onnx made
-    the output a transpose of one (:func:`act_rows_nchw`; the reader transposes a view:
-    an NHWC copy in the graph cost 250 MB of peak memory on the small benchmark model).
-    The main session then hands out the activations of the images whose grids are
-    certain with the pass it makes anyway, instead of a second pass over the network
+    ``a`` to ``b - 1``, the int64 inputs :data:`ACT_ROWS` being ``[a]`` and ``[b]`` (the
+    engine puts those rows next to each other), sliced from the NCHW tensor where tf2onnx
+    made the output a transpose of one (:func:`act_rows_nchw`; the reader transposes a
+    view: an NHWC copy in the graph cost 250 MB of peak memory on the small benchmark
+    model).  The main session then hands out the activations of the images whose grids
+    are certain with the pass it makes anyway, instead of a second pass over the network
     for them.  A ``Gather`` of arbitrary rows cost OpenVINO's CPU plugin 14 ms an image
-    on every VGG16 bf16 batch, even with no row named (37 against 23); a ``Slice`` of
-    none costs nothing."""
+    on every VGG16 bf16 batch, even with no row named (37 against 23); a ``Slice`` of no
+    row costs nothing."""
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output}
-    graph.input.append(P.make_tensor_value_info(ACT_ROWS, P.TensorProto.INT64, [2]))
-    start, end = f"{ACT_ROWS}/start", f"{ACT_ROWS}/end"
-    for v in (0, 1, 2):
-        graph.initializer.append(P.from_array(np.array([v], np.int64), f"{ACT_ROWS}/{v}"))
-    zero, one, two = (f"{ACT_ROWS}/{v}" for v in (0, 1, 2))
-    graph.node.append(P.make_node("Slice", [ACT_ROWS, zero, one], [start]))
-    graph.node.append(P.make_node("Slice", [ACT_ROWS, one, two], [end]))
+    first, end = ACT_ROWS
+    for name in ACT_ROWS:
+        graph.input.append(P.make_tensor_value_info(name, P.TensorProto.INT64, [1]))
+    axes = f"{first}/axes"
+    graph.initializer.append(P.from_array(np.array([0], np.int64), axes))
     for out, name in zip(spec.activation_outputs, act_row_names(spec), strict=True):
         h, w, k = (int(v) for v in out.shape[1:])
         nchw = _nchw_source(producers, out.name)
-        graph.node.append(P.make_node("Slice", [nchw or out.name, start, end, zero], [name]))
+        graph.node.append(P.make_node("Slice", [nchw or out.name, first, end, axes], [name]))
         shape: list[str | int] = ["r", k, h, w] if nchw else ["r", h, w, k]
         graph.output.append(P.make_tensor_value_info(name, P.TensorProto.FLOAT, shape))
 

@@ -27,6 +27,7 @@ from .cams import METHODS, CAMInputs, normalize, upsample
 from .decode import Decoded
 from .graph import (
     ACT_ROWS,
+    STATS_PREFIX,
     STATS_ROWS,
     act_row_names,
     act_rows_nchw,
@@ -177,12 +178,14 @@ class Inference:
         feeds: dict[str, np.ndarray] = {C.IN_IMAGE: x}
         if self.takes_targets:
             feeds[C.IN_TARGETS] = targets
-        if plan.stats_every > 1:
-            feeds[STATS_ROWS] = np.array([sampled], np.int64)
         names = self.names
+        if plan.stats_every > 1 and self._layers:
+            feeds[STATS_ROWS] = np.array([sampled], np.int64)
+            if not sampled:  # nothing to reduce: the statistics are not asked for
+                names = [n for n in names if not n.startswith(STATS_PREFIX)]
         early = list(range(a, b))
         if self._early_names:
-            feeds[ACT_ROWS] = np.array([a, b], np.int64)
+            feeds[ACT_ROWS[0]], feeds[ACT_ROWS[1]] = np.array([a]), np.array([b])
         if early:
             names = names + self._early_names
         out = dict(zip(names, self.session.run(names, feeds), strict=True))
@@ -215,6 +218,8 @@ class Inference:
         plan, out, classes, maps = self.plan, fwd.out, fwd.classes, fwd.maps
         good, x, probs, order = fwd.good, fwd.x, fwd.probs, fwd.order
         for _, layer, shape in self._layers:
+            if stat_names(layer)[0] not in out:  # no sampled image in the batch
+                continue
             s_sum, s_max, s_zero = (out[n] for n in stat_names(layer))
             stats.update_reduced(layer, shape, s_sum, s_max, s_zero)  # type: ignore[arg-type]
         if plan.methods:
@@ -228,7 +233,7 @@ class Inference:
     def _early_activations(
         self, rows: list[int], got: list[np.ndarray]
     ) -> dict[int, dict[str, np.ndarray]]:
-        """Row -> layer -> (h, w, k) activations, from the main pass' gathered outputs
+        """Row -> layer -> (h, w, k) activations, from the main pass' sliced outputs
         (an NCHW one read as a transposed view)."""
         if not rows:
             return {}

@@ -179,7 +179,10 @@ class RunStats:
         maxes: np.ndarray,
         zeros: np.ndarray,
     ) -> None:
-        """Add a batch of ``layer`` (feature shape ``(h, w, k)``) reduced over positions."""
+        """Add a batch of ``layer`` (feature shape ``(h, w, k)``) reduced over positions;
+        a batch of no image adds nothing (not even the layer)."""
+        if len(sums) == 0:
+            return
         st = self.layers.get(layer)
         if st is None:
             st = self.layers[layer] = LayerStats.empty(shape)

@@ -228,6 +228,28 @@ class _ActivationRecorder:
                 self.got[oc.record.id] = {k: np.array(v) for k, v in oc.activations.items()}
 
 
+def _count_second_pass(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of images of each second activations pass, as the runs make them."""
+    from convlens.engine.infer import Inference
+
+    second_pass_rows: list[int] = []
+    opened = Inference._activations_session
+
+    def spy(self: Inference):  # type: ignore[no-untyped-def]
+        session = opened(self)
+        run_ = session.run
+
+        class Counting:
+            def run(self, names: list[str], feeds: dict) -> list[np.ndarray]:
+                second_pass_rows.append(len(feeds[C.IN_IMAGE]))
+                return run_(names, feeds)
+
+        return Counting()
+
+    monkeypatch.setattr(Inference, "_activations_session", spy)
+    return second_pass_rows
+
+
 @pytest.mark.parametrize(
     ("runtime", "stats_every"),
     [("onnxruntime", 1), ("onnxruntime", 3), ("openvino", 3)],
@@ -244,7 +266,6 @@ def test_activations_a_sink_surely_wants_come_from_the_main_pass(
     and the statistics' sample, are runs of rows), the others from a second pass over
     just those images; both equal onnxruntime's activation outputs of the analysis
     file, each image its own."""
-    from convlens.engine.infer import Inference
     from convlens.engine.runtime_ov import available
 
     if runtime == "openvino" and not available():
@@ -254,21 +275,7 @@ def test_activations_a_sink_surely_wants_come_from_the_main_pass(
     paths = sorted(photos.rglob("*.jpg"))
     ids = [image_id(p) for p in paths]
     early, late = set(ids[1:9:2]), {ids[0], ids[-1]}
-    second_pass_rows: list[int] = []
-    opened = Inference._activations_session
-
-    def spy(self: Inference):  # type: ignore[no-untyped-def]
-        session = opened(self)
-        run_ = session.run
-
-        class Counting:
-            def run(self, names: list[str], feeds: dict) -> list[np.ndarray]:
-                second_pass_rows.append(len(feeds[C.IN_IMAGE]))
-                return run_(names, feeds)
-
-        return Counting()
-
-    monkeypatch.setattr(Inference, "_activations_session", spy)
+    second_pass_rows = _count_second_pass(monkeypatch)
     sink = _ActivationRecorder(early, late)
     opts = RunOptions(device="cpu", batch_size=4, runtime=runtime, stats_every=stats_every)
     run(model, [str(photos)], tmp_path / "o", opts, sinks=[sink], progress=False)
@@ -279,6 +286,55 @@ def test_activations_a_sink_surely_wants_come_from_the_main_pass(
     for i, rid in enumerate(ids):
         for layer, acts in sink.got.get(rid, {}).items():
             np.testing.assert_allclose(acts, ref[layer][i], rtol=1e-5, atol=1e-5)
+
+
+def test_batches_arranged_for_the_slices_keep_each_image_its_own(
+    demo_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forced statistics sample and wanted set: a batch with all four groups (sampled
+    only, sampled and wanted, wanted only, neither), one with no sampled image, one all
+    sampled.  Every record, map and activation stays its image's, the sink is asked in
+    input order, the statistics are numpy's over exactly the sample; a run sampling no
+    image has no statistics at all."""
+    import convlens.engine.infer as infer_mod
+
+    model, photos = demo_model
+    paths = sorted(photos.rglob("*.jpg"))
+    ids = [image_id(p) for p in paths]
+    assert len(ids) == 15  # batches of 4: 0-3, 4-7, 8-11, 12-14
+    sampled = {ids[i] for i in (1, 2, 8, 9, 10, 11)}
+    early, late = {ids[i] for i in (0, 2, 5, 9, 13)}, {ids[14]}
+    monkeypatch.setattr(infer_mod, "in_stats_sample", lambda rid, every: rid in sampled)
+    sink = _ActivationRecorder(early, late)
+    second_pass_rows = _count_second_pass(monkeypatch)
+    opts = RunOptions(device="cpu", batch_size=4, stats_every=5, save_maps=True)
+    run(model, [str(photos)], tmp_path / "o", opts, sinks=[sink], progress=False)
+    assert sink.asked == ids and set(sink.got) == early | late
+    assert sum(second_pass_rows) == len(late)  # the wanted rows were the sliced ones
+    ref = _numpy_stats(model, paths)
+    for i, rid in enumerate(ids):
+        for layer, acts in sink.got.get(rid, {}).items():
+            np.testing.assert_allclose(acts, ref[layer][i], rtol=1e-5, atol=1e-5)
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    rows = [i for i, rid in enumerate(ids) if rid in sampled]
+    for layer, a in ref.items():
+        assert stats[layer]["count"] == len(rows)
+        np.testing.assert_allclose(
+            stats[layer]["mean"], a[rows].mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-7
+        )
+        np.testing.assert_allclose(stats[layer]["max"], a[rows].max(axis=(0, 1, 2)), rtol=1e-5)
+    every = tmp_path / "every"
+    run(model, [str(photos)], every, RunOptions(device="cpu", batch_size=4, save_maps=True))
+    got, want = read_results(tmp_path / "o").records, read_results(every).records
+    assert [r.id for r in got] == [r.id for r in want] == ids
+    for g, w in zip(got, want, strict=True):
+        assert [p.index for p in g.predictions] == [p.index for p in w.predictions]
+        with np.load(tmp_path / "o" / str(g.maps)) as ga, np.load(every / str(w.maps)) as wa:
+            for k in wa.files:
+                np.testing.assert_allclose(ga[k], wa[k], atol=1e-5)
+    monkeypatch.setattr(infer_mod, "in_stats_sample", lambda rid, every: False)
+    run(model, [str(photos)], tmp_path / "none", opts, progress=False)
+    assert json.loads((tmp_path / "none" / "stats.json").read_text()) == {}
 
 
 def test_grid_policy_surely_promises_decide() -> None:
