@@ -101,6 +101,19 @@ def test_sampled_statistics_same_on_both_runtimes(
     docs = [json.loads((d / "stats.json").read_text()) for d in dirs.values()]
     counts = {layer["count"] for doc in docs for layer in doc.values()}
     assert len(counts) == 1 and 0 < counts.pop() < 15  # one sample, the same on both
+    # and OpenVINO's sampled run against an unsampled onnxruntime run: the same records
+    # and maps, image by image (a mistake both runtimes shared would show here)
+    every = tmp_path / "every"
+    run(model, [str(photos)], every, RunOptions(device="cpu", save_maps=True, batch_size=8))
+    unsampled = {"onnxruntime": every, "openvino": dirs["openvino"]}
+    recs = {rt: read_results(d).records for rt, d in unsampled.items()}
+    assert [r.id for r in recs["onnxruntime"]] == [r.id for r in recs["openvino"]]
+    for ra, rb in zip(recs["onnxruntime"], recs["openvino"], strict=True):
+        assert [p.index for p in ra.predictions] == [p.index for p in rb.predictions]
+        with np.load(every / str(ra.maps)) as ma, np.load(dirs["openvino"] / str(rb.maps)) as mb:
+            assert sorted(ma.files) == sorted(mb.files)
+            for k in ma.files:
+                np.testing.assert_allclose(mb[k], ma[k], atol=1e-3 * max(np.ptp(ma[k]), 1e-9))
 
 
 @pytest.mark.parametrize("name", ["gap_dense", "flatten_sigmoid", "nested"])
