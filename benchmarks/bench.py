@@ -50,21 +50,15 @@ import time
 from pathlib import Path
 
 import bench_data as data
-from bench_report import ROWS, Result, document, fmt, git_state, machine
+from bench_report import CONVLENS_ROWS, ROWS, Result, document, fmt, git_state, machine, row_options
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "bench_worker.py"
 TAG = "BENCH-RESULT "
 
-#: what a row needs installed beyond convlens' own dependencies
+#: what a row needs installed beyond convlens' own dependencies (and the convlens rows
+#: whose options name OpenVINO: :func:`needs`)
 NEEDS = {
-    "4v": ("openvino",),
-    "4'v": ("openvino",),
-    "4gv": ("openvino",),
-    "4bf": ("openvino",),
-    "4gbf": ("openvino",),
-    "4x": ("openvino",),
-    "4gx": ("openvino",),
     "3v": ("openvino",),
     "3vb": ("openvino",),
     "P2": ("torch", "torchvision", "pytorch_grad_cam"),
@@ -112,9 +106,15 @@ def run_tagged(cmd: list[str], timeout: float, env: dict[str, str] | None = None
     return {"error": f"exit {p.returncode}: {tail[:200]}"}
 
 
+def needs(row: str) -> tuple[str, ...]:
+    """The modules a row needs beyond convlens' own dependencies."""
+    ov = ("openvino",) if row_options(row).get("runtime") == "openvino" else ()
+    return NEEDS.get(row, ()) + ov
+
+
 def not_run(row: str, opts: argparse.Namespace) -> str:
     """Why a peer row cannot run here ('' if it can)."""
-    missing = [m for m in NEEDS.get(row, ()) if importlib.util.find_spec(m) is None]
+    missing = [m for m in needs(row) if importlib.util.find_spec(m) is None]
     if missing:
         return f"not run: {', '.join(missing)} not installed (the [bench] extra)"
     if row == "P1" and not (opts.ovxai_python and Path(opts.ovxai_python).exists()):
@@ -178,12 +178,17 @@ def bench_model(model: str, n: int, opts: argparse.Namespace) -> list[Result]:
     R = opts.repeats
     nb = opts.notebook_images or (1 if opts.quick else data.MODELS[model].notebook_images)
     results = [measure("1", model, folder, opts, repeats=1, limit=min(nb, n))]
-    rows = ["2", "3", "3v", "3vb", "3a", "D", "P1", "P2", "4", "4v", "4'", "4'v", "4g", "4gv"]
-    rows += ["4bf", "4gbf", "4x", "4gx"] if _has_bf16() else []
+    bf16 = _has_bf16()
+    rows = ["2", "3", "3v", "3vb", "3a", "D", "P1", "P2"]
+    rows += [r for r in CONVLENS_ROWS if r != "4'b" and (bf16 or not _bf16_row(r))]
     rows += ["4'b"] if opts.diagnose else []
     for row in rows:
         results.append(measure(row, model, folder, opts, repeats=R))
     return results
+
+
+def _bf16_row(row: str) -> bool:
+    return row_options(row).get("precision") == "bf16"
 
 
 def _has_bf16() -> bool:

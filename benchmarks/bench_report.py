@@ -41,6 +41,29 @@ ROWS = {  # key: (label, worker method)
     "4'b": ("convlens run, report=False, OPENBLAS_NUM_THREADS=1", "convlens_noreport"),
 }
 CONVLENS_ROWS = ("4", "4v", "4'", "4'v", "4g", "4gv", "4bf", "4gbf", "4x", "4gx", "4'b")
+#: a convlens worker method's suffix: the RunOptions fields it adds to the base method's
+SUFFIXES: dict[str, dict[str, object]] = {
+    "": {},
+    "_ov": {"runtime": "openvino"},
+    "_bf16": {"runtime": "openvino", "precision": "bf16"},
+    # every opt-in speed lever at once (their accuracy costs: README, Speed)
+    "_fast": {"runtime": "openvino", "precision": "bf16", "stats_every": 8, "fast_decode": True},
+}
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """``convlens_one_bf16`` -> (``convlens_one``, ``_bf16``)."""
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if suffix and method.endswith(suffix):
+            return method.removesuffix(suffix), suffix
+    return method, ""
+
+
+def row_options(row: str) -> dict[str, object]:
+    """The RunOptions fields a convlens row's suffix adds (``{}`` for other rows)."""
+    return SUFFIXES[split_method(ROWS[row][1])[1]] if row in CONVLENS_ROWS else {}
+
+
 PEERS = (("2", "Keras"), ("P1", "OV XAI"), ("P2", "pt-grad-cam"), ("1", "notebook"))
 
 

@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import bench_data as data  # noqa: E402
 import bench_methods as m  # noqa: E402
 import bench_rivals as rivals  # noqa: E402
+from bench_report import SUFFIXES, split_method  # noqa: E402
 
 TAG = "BENCH-RESULT "
 
@@ -96,25 +97,8 @@ CONVLENS = {  # method: (report, RunOptions fields, note)
 }
 
 
-SUFFIXES = {  # method suffix: RunOptions fields it adds
-    "": {},
-    "_ov": {"runtime": "openvino"},
-    "_bf16": {"runtime": "openvino", "precision": "bf16"},
-    # every opt-in speed lever at once (their accuracy costs: README, Speed)
-    "_fast": {"runtime": "openvino", "precision": "bf16", "stats_every": 8, "fast_decode": True},
-}
-
-
-def _split(method: str) -> tuple[str, str]:
-    """``convlens_one_bf16`` -> (``convlens_one``, ``_bf16``)."""
-    for suffix in sorted(SUFFIXES, key=len, reverse=True):
-        if suffix and method.endswith(suffix):
-            return method.removesuffix(suffix), suffix
-    return method, ""
-
-
 def _convlens(method: str, model: Path, folder: Path, out: Path, R: int) -> m.Timing:
-    base, suffix = _split(method)
+    base, suffix = split_method(method)
     report, options, note = CONVLENS[base]
     options = options | SUFFIXES[suffix]
     extra: dict = {}

@@ -166,9 +166,10 @@ def add_stats(model: Any, spec: C.ModelSpec, rows: bool = False) -> None:
         graph.initializer.append(
             P.from_array(np.array(axes, np.int64), f"convlens_stats_axes{axes[0]}{axes[1]}")
         )
+    first = "convlens_stats_first"  # Slice's starts and axes alike: [0]
     if rows:
         graph.input.append(P.make_tensor_value_info(STATS_ROWS, P.TensorProto.INT64, [1]))
-        graph.initializer.append(P.from_array(np.array([0], np.int64), "convlens_stats_first"))
+        graph.initializer.append(P.from_array(np.array([0], np.int64), first))
     for out in spec.activation_outputs:
         assert out.layer is not None
         s_sum, s_max, s_zero = stat_names(out.layer)
@@ -180,7 +181,6 @@ def add_stats(model: Any, spec: C.ModelSpec, rows: bool = False) -> None:
         eq, cast = s_zero + "/eq", s_zero + "/cast"
         nodes = []
         if rows:
-            first = "convlens_stats_first"  # starts and axes alike: [0]
             nodes.append(P.make_node("Slice", [src, first, STATS_ROWS, first], [s_sum + "/rows"]))
             src = s_sum + "/rows"
         nodes += [

@@ -218,10 +218,9 @@ class Inference:
         plan, out, classes, maps = self.plan, fwd.out, fwd.classes, fwd.maps
         good, x, probs, order = fwd.good, fwd.x, fwd.probs, fwd.order
         for _, layer, shape in self._layers:
-            if stat_names(layer)[0] not in out:  # no sampled image in the batch
-                continue
-            s_sum, s_max, s_zero = (out[n] for n in stat_names(layer))
-            stats.update_reduced(layer, shape, s_sum, s_max, s_zero)  # type: ignore[arg-type]
+            names = stat_names(layer)
+            if names[0] in out:  # absent: no sampled image in the batch
+                stats.update_reduced(layer, shape, *(out[n] for n in names))  # type: ignore[arg-type]
         if plan.methods:
             cams.add(classes[:, 0], normalize(maps[plan.methods[0]][:, 0]))
         results = [self._outcome(d, i, probs, order, classes, maps) for i, d in enumerate(good)]
@@ -256,7 +255,7 @@ class Inference:
         perm = sorted(range(len(good)), key=rank.__getitem__)
         a = rank.count((0, 0))
         rows = (a, a + sum(wanted))
-        return (None if perm == sorted(perm) else perm), sum(sampled), rows
+        return (None if perm == list(range(len(good))) else perm), sum(sampled), rows
 
     def _wants_early(self, d: Decoded) -> bool:
         """Whether a sink will want this image's activations whatever its predictions: a

@@ -486,7 +486,6 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = _png_chunk(b"IEND", b"")
-_PLTE: dict[int, bytes] = {}
 
 
 def encode_indexed_png(
@@ -495,10 +494,14 @@ def encode_indexed_png(
     """A paletted PNG (8-bit, colour type 3) of ``levels`` (h, w) uint8, the palette being
     ``colormap``: the image ``colormap_lut(colormap)[levels]`` in a third of the bytes of
     RGB.  Written here because cv2 writes no paletted PNGs; every decoder reads them."""
-    plte = _PLTE.get(colormap)
-    if plte is None:
-        plte = _PLTE[colormap] = _png_chunk(b"PLTE", _lut(colormap)[:, ::-1].tobytes())
+    plte = _cam_plte(colormap)
     return _paletted_png(levels, plte, functools.partial(zlib.compress, level=compression))
+
+
+@functools.cache
+def _cam_plte(colormap: int) -> bytes:
+    """The PLTE chunk of ``colormap``'s 256 levels (made once per colour map)."""
+    return _plte(_lut(colormap))
 
 
 def deflate_grid(data: memoryview) -> bytes:
