@@ -120,7 +120,7 @@ def run_options(fn: F) -> F:
     """Options shared by ``run`` and ``demo``: the engine's, from RunOptions' fields,
     then the report's and the command's own."""
     from convlens.engine.plan import RunOptions
-    from convlens.reports.assets import GRID_POLICIES, GRID_SAMPLE
+    from convlens.reports.assets import GRID_NOTABLE, GRID_POLICIES, GRID_SAMPLE
 
     opts = [
         click.option(
@@ -145,8 +145,15 @@ def run_options(fn: F) -> F:
             type=click.IntRange(min=0),
             default=GRID_SAMPLE,
             show_default=True,
-            help="With --grids sample: how many of the first images get grids "
-            "(besides every misclassified or low-confidence one).",
+            help="With --grids sample: how many of the first images get grids.",
+        ),
+        click.option(
+            "--grid-notable",
+            type=click.IntRange(min=0),
+            default=GRID_NOTABLE,
+            show_default=True,
+            help="With --grids sample: how many more get grids for being misclassified "
+            "or below 0.5 top-1 probability (the first such images in input order).",
         ),
         click.option("--no-report", is_flag=True, help="Results only, no HTML report."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, no notes."),
@@ -173,6 +180,7 @@ def _analyze(model: str, inputs: tuple[str, ...] | list[str], outdir: Path, **kw
         options,
         grids=kw["grids"],
         grid_sample=kw["grid_sample"],
+        grid_notable=kw["grid_notable"],
         report=not kw["no_report"],
         progress=None if quiet else TerminalBar(),
         warn=warn,

@@ -23,20 +23,24 @@ def analyze(
     *,
     grids: str = "sample",
     grid_sample: int | None = None,
+    grid_notable: int | None = None,
     report: bool = True,
     progress: ProgressCallback | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> AnalysisResult:
     """``convlens run``: engine results in ``outdir`` and, unless ``report=False``, its
-    HTML report (``outdir/index.html``)."""
+    HTML report (``outdir/index.html``); ``grids``, ``grid_sample`` and ``grid_notable``
+    are the report's grid policy (:mod:`convlens.reports.gridpolicy`)."""
     sinks = []
     if report:
         from convlens.reports import ReportAssetSink
-        from convlens.reports.assets import GRID_SAMPLE
+        from convlens.reports.assets import GRID_NOTABLE, GRID_SAMPLE
 
         sinks.append(
             ReportAssetSink(
-                grids=grids, grid_sample=GRID_SAMPLE if grid_sample is None else grid_sample
+                grids=grids,
+                grid_sample=GRID_SAMPLE if grid_sample is None else grid_sample,
+                grid_notable=GRID_NOTABLE if grid_notable is None else grid_notable,
             )
         )
     summary = run(model, inputs, outdir, options, sinks=sinks, progress=progress, warn=warn)

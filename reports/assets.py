@@ -122,6 +122,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "GRID_NOTABLE",
     "GRID_POLICIES",
     "GRID_SAMPLE",
     "LOW_CONFIDENCE",
@@ -155,6 +156,7 @@ class ReportAssetSink:
             raise ValueError("thumb_size must be >= 16")
         self.grids = grids
         self.grid_sample = int(grid_sample)
+        self.grid_notable = int(grid_notable)
         self.thumb_size = int(thumb_size)
         self._root: Path | None = None
         self._decided: dict[str, bool] = {}  # id -> grids, decided by wants_activations
@@ -354,6 +356,7 @@ class ReportAssetSink:
             "complete": final,
             "grids": self.grids,
             "grid_sample": self.grid_sample,
+            "grid_notable": self.grid_notable,
             "low_confidence": LOW_CONFIDENCE,
             "thumb_size": self.thumb_size,
             "cam_colormap": CAM_COLORMAP_NAME,

@@ -14,7 +14,7 @@ place in the run alone.
               3. its top-1 probability is below ``LOW_CONFIDENCE`` (0.5).
 
               2 and 3 are capped: only the first ``grid_notable`` (``GRID_NOTABLE``,
-              50) such images of the input order get grids for being notable, so a run
+              16) such images of the input order get grids for being notable, so a run
               gives grids to at most ``grid_sample + grid_notable`` images whatever
               its size and whatever the model (a random-weight model is unsure of every
               image), and OUTDIR's grids stay bounded.
@@ -36,8 +36,14 @@ from convlens.engine.outdir import Record
 
 GRID_POLICIES = ("all", "sample", "none")
 LOW_CONFIDENCE = 0.5
-GRID_SAMPLE = 50  # grids=sample: the first images of a run that get grids
-GRID_NOTABLE = 50  # grids=sample: at most this many more, misclassified or unsure
+#: grids=sample: the first images of a run that get grids, and at most this many more,
+#: misclassified or unsure.  16 + 16 rather than 50 + 50: grids are the report's dearest
+#: part (VGG16 at 160 px: 57 ms and 3.5 MB an image), and 32 images are more than a
+#: reader browses.  The default run with the report, 64 VGG16 photos: 11.5 -> 14.0 img/s,
+#: OUTDIR 190 -> 73 MB; 300 small-model photos 150 -> 157 img/s, 39 -> 22 MB (the
+#: benchmark's models and photos, medians of two runs each; README, Speed).
+GRID_SAMPLE = 16
+GRID_NOTABLE = 16
 
 
 def top1(record: Record) -> tuple[int | None, float | None]:

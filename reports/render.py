@@ -146,7 +146,7 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
         "model_path": run.model or "",
         "low_confidence": LOW_CONFIDENCE,
         "grid_sample": run.assets.get("grid_sample"),
-        "grid_notable": GRID_NOTABLE,
+        "grid_notable": run.assets.get("grid_notable", GRID_NOTABLE),
         "grids_hint": GRIDS_HINT,
         "cam_colormap": cam_cmap,
         "grid_colormap": GRID_COLORMAP_NAME,

@@ -91,6 +91,27 @@ def test_demo_then_report_rerender(tmp_path: Path) -> None:
     assert (out / "results.jsonl").read_bytes() == results
 
 
+def test_grid_options_reach_the_report(tmp_path: Path) -> None:
+    """--grid-sample and --grid-notable go through analyze() to the sink: the first N
+    images get grids, the caps are recorded in assets.json, and a page without grids
+    states them (the demo's photos are all confident and correctly labelled, so only
+    the first N count; the notable cap itself: test_speed.test_grid_sample_is_capped)."""
+    import json
+
+    out = tmp_path / "demo"
+    args = ["demo", "-o", str(out), "-q", "--grid-sample", "2", "--grid-notable", "1"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assets = json.loads((out / "assets" / "assets.json").read_text())
+    assert (assets["grid_sample"], assets["grid_notable"]) == (2, 1)
+    assert assets["counts"]["grid_images"] == 2
+    assert len(list((out / "assets" / "grids").iterdir())) == 2
+    pages = [p.read_text() for p in (out / "images").glob("*.html")]
+    left_out = [p for p in pages if "Activation grids were left out" in p]
+    assert len(pages) == 15 and len(left_out) == 13
+    assert all("the first 2 images, then at most 1 more" in p for p in left_out)
+
+
 def test_report_on_a_non_run_dir(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert r.exit_code == 2
