@@ -52,6 +52,8 @@ from pathlib import Path
 import bench_data as data
 from bench_report import CONVLENS_ROWS, ROWS, Result, document, fmt, git_state, machine, row_options
 
+from convlens.reports.gridpolicy import GRID_NOTABLE, GRID_SAMPLE
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "bench_worker.py"
 TAG = "BENCH-RESULT "
@@ -334,8 +336,9 @@ def _standing_notes() -> list[str]:
         "rows 1 and 2 only).",
         "Random weights, but the last Dense layer is rescaled so that predictions are "
         "confident and varied, as a trained model's are: the report draws activation grids "
-        "for the first --grid-sample (50) images and for at most 50 misclassified or unsure "
-        "ones (every image of the 64-image VGG set gets grids: most of that row's cost).",
+        f"for the first --grid-sample ({GRID_SAMPLE}) images and for at most {GRID_NOTABLE} "
+        "misclassified or unsure ones (--grid-notable), the dearest part of the report rows "
+        "on VGG16.",
         "Every timed run writes into a directory never used before and nothing is deleted "
         "until the end: ext4 skips recently deleted inodes when it creates files, which "
         "cost the report rows seconds of system time after rm -rf of the previous repeat.",
