@@ -38,6 +38,9 @@ STATS_ROWS = "convlens_stats_rows"
 #: names
 ACT_ROWS = ("convlens_act_rows_first", "convlens_act_rows_end")
 ACT_ROWS_PREFIX = "rows/"
+#: the inputs that hold a batch row position ([m], [a], [b]): a part of a batch run on
+#: its own counts them from its first row (convlens.engine.infer.Inference._run_main)
+ROW_POSITIONS = (STATS_ROWS, *ACT_ROWS)
 
 
 def stat_names(layer: str) -> tuple[str, str, str]:

@@ -16,6 +16,8 @@ open their own, on first use: the network after the CAM tensor cut out of the gr
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from .cams import METHODS, CAMInputs, normalize, upsample
 from .decode import Decoded
 from .graph import (
     ACT_ROWS,
+    ROW_POSITIONS,
     STATS_PREFIX,
     STATS_ROWS,
     act_row_names,
@@ -108,13 +111,21 @@ class Inference:
             if act_rows:
                 self._early_nchw = act_rows_nchw(self.proto, plan.spec)
             self.session = open_session(
-                model, plan.device, plan.threads, plan.runtime, precision=plan.precision
+                model,
+                plan.device,
+                plan.threads,
+                plan.runtime,
+                precision=plan.precision,
+                streams=plan.streams,
             )
         except (DeviceError, DecodeError, OSError) as exc:
             raise RunError(str(exc).splitlines()[0]) from exc
         except RuntimeError as exc:  # onnxruntime's own load failures (Fail, InvalidGraph)
             raise RunError(f"onnxruntime cannot load {plan.model_path}: {_first(exc)}") from exc
         self.takes_targets = C.IN_TARGETS in self.session.input_names
+        #: threads for the parts of a batch beyond the first (:meth:`_run_main`)
+        streams = self.session.streams
+        self._parts = cf.ThreadPoolExecutor(streams - 1, "part") if streams > 1 else None
         self.constants = self._fetch_constants()
         self._acts_session: Session | None = None
         self._predict_session: Session | None = None
@@ -188,7 +199,7 @@ class Inference:
             feeds[ACT_ROWS[0]], feeds[ACT_ROWS[1]] = np.array([a]), np.array([b])
         if early:
             names = names + self._early_names
-        out = dict(zip(names, self.session.run(names, feeds), strict=True))
+        out = dict(zip(names, self._run_main(names, feeds, len(x)), strict=True))
         got = [out.pop(n) for n in self._early_names] if early else []
         by_row = self._early_activations(early, got)
         probs = self._probabilities(out[C.OUT_PREDICTIONS])
@@ -210,6 +221,28 @@ class Inference:
         )
         maps = {m: METHODS[m].maps(inputs) for m in plan.methods}
         return Forward(good, perm, x, out, probs, order, classes, maps, by_row)
+
+    def _run_main(self, names: list[str], feeds: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
+        """The main session's outputs for a batch of ``n`` rows: one call, or with
+        ``streams`` s > 1 (onnxruntime on the CPU: :func:`.plan.resolve_streams`) s calls
+        at once over consecutive parts of the rows, each on a thread of its own with its
+        share of the CPUs, their outputs (all of them per row, the statistics' and grid
+        rows' too) joined in row order.  onnxruntime's intra-op threads meet at every
+        node; a part per thread does not (README: Speed).  A part's row positions
+        (:data:`.graph.ROW_POSITIONS`) count from its first row, clipped to it; every
+        other input is cut to its rows."""
+        s = min(self.session.streams, n)
+        if s <= 1 or self._parts is None:
+            return self.session.run(names, feeds)
+        bounds = [round(n * i / s) for i in range(s + 1)]
+        parts = [_part(feeds, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        later = [self._parts.submit(self.session.run, names, p) for p in parts[1:]]
+        try:
+            first = self.session.run(names, parts[0])
+        finally:
+            cf.wait(later)  # the other parts end before this returns or raises
+        got = [first, *(f.result() for f in later)]
+        return [np.concatenate([g[i] for g in got]) for i in range(len(names))]
 
     def finish(self, fwd: Forward, stats: RunStats, cams: ClassCAMs) -> list[ImageOutcome]:
         """A forward pass made outcomes: records, map files, metrics, activations for
@@ -418,6 +451,14 @@ class Inference:
         got = self._activations_session().run(names, {C.IN_IMAGE: x[rows]})
         for j, row in enumerate(rows.tolist()):
             results[row].activations = {k: a[j] for k, a in zip(self._layer_keys, got, strict=True)}
+
+
+def _part(feeds: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+    """The feeds of batch rows ``lo`` to ``hi - 1``: row positions counted from ``lo``
+    and clipped to the part, every other input cut to those rows."""
+    return {
+        k: np.clip(v - lo, 0, hi - lo) if k in ROW_POSITIONS else v[lo:hi] for k, v in feeds.items()
+    }
 
 
 def _fractions(curve: np.ndarray) -> np.ndarray:

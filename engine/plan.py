@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,23 @@ from .runtime import DEVICES, PRECISIONS, RUNTIMES
 
 class RunError(Exception):
     """The run cannot start (bad model, bad options); ``str(e)`` is one line."""
+
+
+#: the parts of a batch onnxruntime's CPU session runs at once by default (2+ CPUs, no
+#: --threads): two halves, each on its own thread with half the CPUs, rather than the
+#: whole batch over every CPU: onnxruntime's intra-op threads meet at every node, a half
+#: per thread does not (2 cores, benchmark models: 1.04-1.11x img/s, less CPU and less
+#: memory; README: Speed)
+AUTO_STREAMS = 2
+
+
+def resolve_streams(streams: int | None, threads: int | None) -> int:
+    """``--streams``, else :data:`AUTO_STREAMS` where there are that many CPUs and
+    ``--threads`` is not given (an explicit thread count keeps one batch at a time)."""
+    if streams is not None:
+        return streams
+    cpus = os.cpu_count() or 1
+    return AUTO_STREAMS if threads is None and cpus >= AUTO_STREAMS else 1
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,16 @@ class RunOptions:
         metadata=_doc(
             "Inference threads (onnxruntime intra-op, OpenVINO INFERENCE_NUM_THREADS) "
             "[default: the runtime's own].",
+            min=1,
+        ),
+    )
+    streams: int | None = field(
+        default=None,
+        metadata=_doc(
+            "Parts of each batch onnxruntime's CPU session runs at once, each on a thread "
+            "of its own with the CPUs divided by this as intra-op threads unless --threads "
+            "is given [default: 2 on 2 or more CPUs without --threads, else 1; CUDA and "
+            "OpenVINO run a batch in one call] (README: Speed).",
             min=1,
         ),
     )
@@ -189,6 +217,7 @@ class RunPlan:
     batch_size: int
     workers: int | None  # None: by the device the session runs on (decode.decode_workers)
     threads: int | None
+    streams: int  # parts of a batch run at once on onnxruntime's CPU (resolve_streams)
     methods: tuple[str, ...]
     top_k: int  # at most the number of classes
     extra_classes: tuple[int, ...]  # --class, as indices, once each
@@ -221,6 +250,8 @@ class RunPlan:
             raise RunError("--metrics-sample must be at least 1")
         if o.stats_every < 1:
             raise RunError("--stats-every must be at least 1")
+        if o.streams is not None and o.streams < 1:
+            raise RunError("--streams must be at least 1")
         methods = _methods(spec, o.cam_methods)
         if metrics and not methods:
             raise RunError("--metrics scores CAM maps: this run computes none")
@@ -232,6 +263,7 @@ class RunPlan:
             batch_size=o.batch_size,
             workers=o.workers,
             threads=o.threads,
+            streams=resolve_streams(o.streams, o.threads),
             methods=methods,
             top_k=min(o.top_k, spec.num_classes),
             extra_classes=_classes(spec, o.classes),

@@ -60,6 +60,10 @@ class Session(ABC):
         self.device = device  # "cuda" or "cpu"
         self.note = note  # one line to tell the user (e.g. the CUDA fallback), or None
         self.precision = precision  # one of PRECISIONS
+        #: how many :meth:`run` calls the engine makes at once, on threads of their own,
+        #: each over a part of a batch: onnxruntime's CPU sessions opened for streams,
+        #: else one
+        self.streams = 1
 
     @property
     def label(self) -> str:
@@ -86,12 +90,14 @@ class OrtSession(Session):
     """An onnxruntime InferenceSession; batches through I/O binding where ``bind``, else
     through ``InferenceSession.run``."""
 
-    def __init__(self, session: Any, device: str, note: str | None, bind: bool):
+    def __init__(self, session: Any, device: str, note: str | None, bind: bool, streams: int = 1):
         from .runtime_bind import Binder
 
         super().__init__("onnxruntime", device, note)
         self.session = session  # onnxruntime.InferenceSession
         self.binder = Binder(session, device) if bind else None
+        # InferenceSession.run is thread-safe; the binder's buffers are one call's
+        self.streams = 1 if bind else streams
 
     @property
     def input_names(self) -> list[str]:
@@ -171,9 +177,12 @@ def open_session(
     runtime: str = "onnxruntime",
     bind: bool | None = None,
     precision: str = "f32",
+    streams: int = 1,
 ) -> Session:
     """A session on ``device`` ("auto", "cuda" or "cpu") run by ``runtime`` ("auto",
-    "onnxruntime" or "openvino") in ``precision`` (:data:`PRECISIONS`).
+    "onnxruntime" or "openvino") in ``precision`` (:data:`PRECISIONS`).  ``streams``: the
+    calls an onnxruntime CPU session is to run at once (its :attr:`Session.streams`; its
+    intra-op threads default to the CPUs divided by it); other sessions take one.
 
     ``auto`` device uses CUDA only where it really loads, else says one line and uses the
     CPU; ``cuda`` fails with one line when CUDA does not load.  ``auto`` runtime: see the
@@ -204,7 +213,7 @@ def open_session(
         return open_openvino(model, threads, None, precision)
     src = model if isinstance(model, bytes) else str(model)
     if device == "cpu":
-        return _cpu(src, threads, None, bind)
+        return _cpu(src, threads, None, bind, streams)
     import onnxruntime as ort
 
     opts = session_options(threads)
@@ -213,7 +222,7 @@ def open_session(
         if device == "cuda":
             raise DeviceError(f"CUDA not available ({reason})")
         note = f"CUDA not available ({reason}); using CPU"
-        return _cpu(src, threads, note, bind)
+        return _cpu(src, threads, note, bind, streams)
     with _captured_stderr() as log:
         try:
             sess = ort.InferenceSession(
@@ -229,12 +238,17 @@ def open_session(
     if device == "cuda":
         raise DeviceError(f"CUDA not available ({reason})")
     note = f"CUDA not available ({reason}); using CPU"
-    return _cpu(src, threads, note, bind)
+    return _cpu(src, threads, note, bind, streams)
 
 
-def _cpu(src: str | bytes, threads: int | None, note: str | None, bind: bool | None) -> Session:
-    """An onnxruntime CPU session."""
+def _cpu(
+    src: str | bytes, threads: int | None, note: str | None, bind: bool | None, streams: int = 1
+) -> Session:
+    """An onnxruntime CPU session for ``streams`` concurrent runs (``InferenceSession.run``
+    is thread-safe; with I/O binding, one)."""
     import onnxruntime as ort
 
+    if streams > 1 and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // streams)
     sess = ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
-    return OrtSession(sess, "cpu", note, bool(bind))
+    return OrtSession(sess, "cpu", note, bool(bind), streams)

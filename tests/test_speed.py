@@ -386,6 +386,63 @@ def test_forward_ahead_is_in_order_one_batch_ahead_and_raises_at_its_batch() -> 
     assert 1 not in fake.started and max(fake.started) <= 5
 
 
+def test_streams_give_the_run_one_stream_gives(
+    demo_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--streams 2 (the default on 2+ CPUs): each batch's main pass is two calls at once
+    over its two parts (the first two meet at a barrier, which they only pass running
+    together), and the run is byte for byte the one-stream run: records in input order,
+    maps, statistics (sampled: their rows, and the grid images' rows, are positions the
+    parts count from their own first row; batches of 5 split 2 + 3), class CAMs and the
+    report's files."""
+    from convlens.engine.runtime import OrtSession
+    from convlens.reports import ReportAssetSink
+
+    model, photos = demo_model
+    meet = threading.Barrier(2, timeout=10)
+    rows: dict[int, list[int]] = {1: [], 2: []}  # per run: the rows of each main call
+    session_run = OrtSession.run
+
+    def spied(self: OrtSession, names: list[str], feeds: dict) -> list:
+        if C.IN_TARGETS in feeds:  # the main session (the others take no targets)
+            rows[streams].append(len(feeds[C.IN_IMAGE]))
+            if streams == 2 and len(rows[2]) <= 2:
+                meet.wait()  # one call at a time: broken after 10 s
+        return session_run(self, names, feeds)
+
+    monkeypatch.setattr(OrtSession, "run", spied)
+    outs = {}
+    for streams in (1, 2):
+        out = outs[streams] = tmp_path / f"s{streams}"
+        opts = RunOptions(
+            device="cpu", batch_size=5, threads=1, streams=streams, stats_every=3, save_maps=True
+        )
+        sink = ReportAssetSink(grids="sample", grid_sample=3)
+        summary = run(model, [str(photos)], out, opts, sinks=[sink], progress=False)
+        assert summary.ok == 15
+    assert not meet.broken
+    assert rows[1] == [5, 5, 5] and sorted(rows[2]) == [2, 2, 2, 3, 3, 3]  # parts at once
+
+    def files(root: Path) -> dict[str, bytes]:
+        skip = ("run.json", "assets.json", ".lock")  # times and the summary's seconds
+        return {
+            str(f.relative_to(root)): f.read_bytes()
+            for f in sorted(root.rglob("*"))
+            if f.is_file() and f.name not in skip and "shards" not in f.parts
+        }
+
+    a, b = files(outs[1]), files(outs[2])
+    assert a.keys() == b.keys() and any(k.startswith("assets/grids/") for k in a)
+    for name in a:
+        if name.endswith(".npz"):
+            with np.load(outs[1] / name) as x, np.load(outs[2] / name) as y:
+                assert sorted(x.files) == sorted(y.files)
+                for k in x.files:
+                    np.testing.assert_array_equal(x[k], y[k])
+        else:
+            assert a[name] == b[name], name
+
+
 def test_iter_results_streams_what_read_results_reads(tmp_path: Path) -> None:
     """The run's summary streams results.jsonl: the same records as read_results, a bad
     line and a trailing line cut by a kill skipped."""
@@ -419,3 +476,33 @@ def test_decode_workers_by_device() -> None:
     assert decode_workers(3, "cpu") == decode_workers(3, "cuda") == 3
     assert decode_workers(None, "cuda") == cpus
     assert decode_workers(None, "cpu") == max(1, cpus // 2)
+
+
+def test_streams_by_cpus_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--streams wins; otherwise two where there are two CPUs or more and no --threads
+    (an explicit thread count keeps a batch in one call); the onnxruntime CPU session
+    opened for s streams takes s calls and the CPUs divided by s as its threads, a
+    session on OpenVINO one call whatever is asked."""
+    import os
+
+    from convlens.engine import runtime as rt
+    from convlens.engine.plan import resolve_streams
+
+    for cpus, want in ((1, 1), (2, 2), (16, 2)):
+        monkeypatch.setattr(os, "cpu_count", lambda n=cpus: n)
+        assert resolve_streams(None, None) == want
+        assert resolve_streams(None, 4) == 1 and resolve_streams(3, 4) == 3
+    model = str(Path(__file__).parent.parent / "convlens" / "demo" / "textures.onnx")
+    threads: list[int | None] = []
+    options = rt.session_options
+    monkeypatch.setattr(rt, "session_options", lambda t=None: threads.append(t) or options(t))
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert rt.open_session(model, "cpu", streams=2).streams == 2 and threads == [4]
+    assert rt.open_session(model, "cpu", threads=3, streams=2).streams == 2 and threads[-1] == 3
+    assert rt.open_session(model, "cpu").streams == 1 and threads[-1] is None
+    from convlens.engine.runtime_ov import available
+
+    if available():
+        assert rt.open_session(model, "cpu", runtime="openvino", streams=2).streams == 1
+    with pytest.raises(Exception, match="streams"):
+        run(model, ["x.jpg"], "/nonexistent/out", RunOptions(streams=0), progress=False)
