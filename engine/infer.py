@@ -145,6 +145,11 @@ class Inference:
     def device(self) -> str:
         return self.session.device
 
+    def close(self) -> None:
+        """Stop the threads of the batch parts (:meth:`_run_main`); the sessions stay."""
+        if self._parts is not None:
+            self._parts.shutdown(wait=True)
+
     @property
     def note(self) -> str | None:
         return self.session.note
@@ -225,10 +230,11 @@ class Inference:
     def _run_main(self, names: list[str], feeds: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
         """The main session's outputs for a batch of ``n`` rows: one call, or with
         ``streams`` s > 1 (onnxruntime on the CPU: :func:`.plan.resolve_streams`) s calls
-        at once over consecutive parts of the rows, each on a thread of its own with its
-        share of the CPUs, their outputs (all of them per row, the statistics' and grid
-        rows' too) joined in row order.  onnxruntime's intra-op threads meet at every
-        node; a part per thread does not (README: Speed).  A part's row positions
+        at once over consecutive parts of the rows, each from a thread of its own (they
+        share the session's intra-op pool: on 2 CPUs, one thread each), their outputs
+        (all of them per row, the statistics' and grid rows' too) joined in row order.
+        Over the whole batch onnxruntime's intra-op threads meet at every node; a part
+        per thread does not (README: Speed).  A part's row positions
         (:data:`.graph.ROW_POSITIONS`) count from its first row, clipped to it; every
         other input is cut to its rows."""
         s = min(self.session.streams, n)

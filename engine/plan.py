@@ -22,10 +22,11 @@ class RunError(Exception):
 
 
 #: the parts of a batch onnxruntime's CPU session runs at once by default (2+ CPUs, no
-#: --threads): two halves, each on its own thread with half the CPUs, rather than the
-#: whole batch over every CPU: onnxruntime's intra-op threads meet at every node, a half
-#: per thread does not (2 cores, benchmark models: 1.04-1.11x img/s, less CPU and less
-#: memory; README: Speed)
+#: --threads): two halves, each called from its own thread.  On 2 CPUs each half runs on
+#: one thread instead of the whole batch over both, whose intra-op threads meet at every
+#: node (benchmark models: 1.04-1.11x img/s, less CPU and less memory; README: Speed).
+#: On more CPUs the halves share the session's one intra-op pool (runtime._cpu): not
+#: measured here.
 AUTO_STREAMS = 2
 
 
@@ -94,17 +95,19 @@ class RunOptions:
         default=None,
         metadata=_doc(
             "Inference threads (onnxruntime intra-op, OpenVINO INFERENCE_NUM_THREADS) "
-            "[default: the runtime's own].",
+            "[default: the runtime's own; for onnxruntime's CPU session with --streams S "
+            "> 1, the CPUs less S - 1]; given without --streams, a batch runs in one call.",
             min=1,
         ),
     )
     streams: int | None = field(
         default=None,
         metadata=_doc(
-            "Parts of each batch onnxruntime's CPU session runs at once, each on a thread "
-            "of its own with the CPUs divided by this as intra-op threads unless --threads "
-            "is given [default: 2 on 2 or more CPUs without --threads, else 1; CUDA and "
-            "OpenVINO run a batch in one call] (README: Speed).",
+            "Parts of each batch onnxruntime's CPU session runs at once, each called from "
+            "a thread of its own; they share one intra-op pool of --threads, by default "
+            "the CPUs less the other parts [default: 2 on 2 or more CPUs without "
+            "--threads (Ray's actors get --threads), else 1; CUDA and OpenVINO run a "
+            "batch in one call] (README: Speed).",
             min=1,
         ),
     )

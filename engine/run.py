@@ -148,8 +148,11 @@ class Runner:
         if not inputs:
             raise RunError("no input given: name image files, directories or globs")
         inference = Inference(self.plan, self.outdir, self.sinks)  # fails before --force
-        with self.dir.locked():
-            return self._run_locked(inference, list(inputs), t0)
+        try:
+            with self.dir.locked():
+                return self._run_locked(inference, list(inputs), t0)
+        finally:
+            inference.close()
 
     def _run_locked(self, inference: Inference, inputs: list[str], t0: float) -> RunSummary:
         plan = self.plan

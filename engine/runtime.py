@@ -182,7 +182,8 @@ def open_session(
     """A session on ``device`` ("auto", "cuda" or "cpu") run by ``runtime`` ("auto",
     "onnxruntime" or "openvino") in ``precision`` (:data:`PRECISIONS`).  ``streams``: the
     calls an onnxruntime CPU session is to run at once (its :attr:`Session.streams`; its
-    intra-op threads default to the CPUs divided by it); other sessions take one.
+    intra-op pool, which they share, defaults to the CPUs less the other callers:
+    :func:`_cpu`); other sessions take one.
 
     ``auto`` device uses CUDA only where it really loads, else says one line and uses the
     CPU; ``cuda`` fails with one line when CUDA does not load.  ``auto`` runtime: see the
@@ -245,10 +246,13 @@ def _cpu(
     src: str | bytes, threads: int | None, note: str | None, bind: bool | None, streams: int = 1
 ) -> Session:
     """An onnxruntime CPU session for ``streams`` concurrent runs (``InferenceSession.run``
-    is thread-safe; with I/O binding, one)."""
+    is thread-safe; with I/O binding, one).  The runs share the session's one intra-op
+    pool (``threads`` - 1 workers besides each calling thread), so by default it gets
+    the CPUs less the other callers: ``streams`` threads on 2 CPUs, one each, as
+    measured; every CPU busy, as with one call, on larger machines."""
     import onnxruntime as ort
 
     if streams > 1 and threads is None:
-        threads = max(1, (os.cpu_count() or 1) // streams)
+        threads = max(1, (os.cpu_count() or 1) - streams + 1)
     sess = ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
     return OrtSession(sess, "cpu", note, bool(bind), streams)

@@ -39,9 +39,10 @@ LOW_CONFIDENCE = 0.5
 #: grids=sample: the first images of a run that get grids, and at most this many more,
 #: misclassified or unsure.  16 + 16 rather than 50 + 50: grids are the report's dearest
 #: part (VGG16 at 160 px: 3.5 MB an image, and the notable images' activations take a
-#: second pass over the network), and 32 images are more than a reader browses.  The default run with the report, 64 VGG16 photos: 11.5 -> 14.0 img/s,
-#: OUTDIR 190 -> 73 MB; 300 small-model photos 150 -> 157 img/s, 39 -> 22 MB (the
-#: benchmark's models and photos, medians of two runs each; README, Speed).
+#: second pass over the network), and 32 images are more than a reader browses.  The
+#: default run with the report, 64 VGG16 photos: 11.5 -> 14.0 img/s, OUTDIR 190 -> 73
+#: MB; 300 small-model photos: 150 -> 157 img/s, 39 -> 22 MB (the benchmark's models and
+#: photos, medians of two runs each; README, Speed).
 GRID_SAMPLE = 16
 GRID_NOTABLE = 16
 

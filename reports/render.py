@@ -29,7 +29,6 @@ from .data import (
     read_stats,
 )
 from .formatting import fmt_num
-from .gridpolicy import GRID_NOTABLE
 from .imaging import (
     CAM_COLORMAP_NAME,
     COLORMAPS,
@@ -146,7 +145,7 @@ def render_report(outdir: Path, *, page_size: int = DEFAULT_PAGE_SIZE) -> Path:
         "model_path": run.model or "",
         "low_confidence": LOW_CONFIDENCE,
         "grid_sample": run.assets.get("grid_sample"),
-        "grid_notable": run.assets.get("grid_notable", GRID_NOTABLE),
+        "grid_notable": run.assets.get("grid_notable"),  # None: a run from before the key
         "grids_hint": GRIDS_HINT,
         "cam_colormap": cam_cmap,
         "grid_colormap": GRID_COLORMAP_NAME,

@@ -23,6 +23,7 @@ from convlens.reports import ReportAssetSink, render_report
 from convlens.reports import assets as A
 from convlens.reports import imaging as I
 from convlens.reports import layout as L
+from convlens.reports.gridpolicy import GRID_NOTABLE
 
 from report_fixtures import ODD_CLASS, XSS_NAME, FakeRun, make_fake_run
 
@@ -340,6 +341,7 @@ def test_image_pages_navigation_and_content(fake: FakeRun) -> None:
         else:
             assert grids == []
             assert "--grids all" in text
+            assert f"the first 4 images, then at most {GRID_NOTABLE} more" in text
         for layer in ("conv1", "conv2", "conv3", "conv4"):
             assert layer in text
         assert "dead channel" in text
@@ -920,3 +922,17 @@ def test_grid_views_show_older_runs_jpeg_grids() -> None:
         ("extra", "assets/grids/id00/extra.png"),
         ("other", "assets/grids/id00/other.jpg"),
     ]
+
+
+def test_a_run_from_before_the_notable_cap_was_recorded(tmp_path: Path) -> None:
+    """An assets.json without grid_notable (runs before it was recorded, made with
+    another cap) reads "at most N more", not today's default."""
+    run = make_fake_run(tmp_path / "out", 8, grid_sample=1, n_failed=0, batch_size=4)
+    path = run.outdir / "assets" / "assets.json"
+    doc = json.loads(path.read_text())
+    assert doc.pop("grid_notable") == GRID_NOTABLE
+    path.write_text(json.dumps(doc))
+    render_report(run.outdir)
+    pages = [p.read_text() for p in (run.outdir / "images").glob("*.html")]
+    left_out = [p for p in pages if "Activation grids were left out" in p]
+    assert left_out and all("the first 1 images, then at most N more" in p for p in left_out)

@@ -481,8 +481,9 @@ def test_decode_workers_by_device() -> None:
 def test_streams_by_cpus_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """--streams wins; otherwise two where there are two CPUs or more and no --threads
     (an explicit thread count keeps a batch in one call); the onnxruntime CPU session
-    opened for s streams takes s calls and the CPUs divided by s as its threads, a
-    session on OpenVINO one call whatever is asked."""
+    opened for s streams takes s calls, and as its one intra-op pool, which they share,
+    the CPUs less the s - 1 other callers (on 2 CPUs, one thread each); a session on
+    OpenVINO one call whatever is asked."""
     import os
 
     from convlens.engine import runtime as rt
@@ -497,7 +498,9 @@ def test_streams_by_cpus_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     options = rt.session_options
     monkeypatch.setattr(rt, "session_options", lambda t=None: threads.append(t) or options(t))
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert rt.open_session(model, "cpu", streams=2).streams == 2 and threads == [4]
+    assert rt.open_session(model, "cpu", streams=2).streams == 2 and threads == [7]
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert rt.open_session(model, "cpu", streams=2).streams == 2 and threads[-1] == 1
     assert rt.open_session(model, "cpu", threads=3, streams=2).streams == 2 and threads[-1] == 3
     assert rt.open_session(model, "cpu").streams == 1 and threads[-1] is None
     from convlens.engine.runtime_ov import available
