@@ -29,6 +29,8 @@ Rows, per model (every method in its own process; img/s is the median over repea
  4bf, 4gbf  4 and 4g with ``--precision bf16`` (opt-in; on CPUs with native bf16 only)
  4x, 4gx  4 and 4g with every opt-in speed lever: ``--precision bf16 --stats-every 8
      --fast-decode`` (the same CPUs)
+ 4gs  4g with ``--stats-every 0``: no activation statistics, the maps exact
+ 4gn  4g with ``--precision bf16 --fast-decode --stats-every 0``: maps only, every lever
  4'b (--diagnose) 4' with OPENBLAS_NUM_THREADS=1 (numpy's BLAS threads against onnxruntime's)
 
 and a scaling row: ``convlens run`` over 100 and 1000 (``--scale-max``: up to 10000) images

@@ -68,12 +68,13 @@ class Forward:
 
 
 def main_outputs(plan: RunPlan) -> list[str]:
-    """What every batch needs: predictions, the CAM tensor, statistics, gradients."""
+    """What every batch needs: predictions, the CAM tensor, statistics (none with
+    ``--stats-every 0``), gradients."""
     spec = plan.spec
     names = [C.OUT_PREDICTIONS]
     if spec.cam_output and plan.methods:
         names.append(spec.cam_output)
-    for o in spec.activation_outputs:
+    for o in spec.activation_outputs if plan.stats_every else ():
         names += stat_names(o.layer or "")
     if spec.head.gradients_available:
         names.append(C.OUT_TARGET_INDICES)

@@ -115,11 +115,11 @@ class RunOptions:
         default=1,
         metadata=_doc(
             "Activation statistics over one image in K, picked by a hash of its id (the "
-            "same images on every run and resume); 1: every image. Cuts their cost "
-            "about K times; means and zero fractions become estimates, maxima lower "
-            "bounds, and a channel firing only on other images is called dead "
-            "(README: Speed).",
-            min=1,
+            "same images on every run and resume); 1: every image; 0: none (no "
+            "stats.json figures, the report without them). Cuts their cost about K "
+            "times; means and zero fractions become estimates, maxima lower bounds, and "
+            "a channel firing only on other images is called dead (README: Speed).",
+            min=0,
         ),
     )
     fast_decode: bool = field(
@@ -230,7 +230,7 @@ class RunPlan:
     force: bool
     metrics: tuple[str, ...] = ()  # faithfulness metrics (engine.metrics), in registry order
     metrics_sample: int | None = None  # None: every image
-    stats_every: int = 1  # statistics over one image in K (engine.stats.in_stats_sample)
+    stats_every: int = 1  # statistics over one image in K, 0: none (stats.in_stats_sample)
     fast_decode: bool = False  # large JPEGs decoded scaled down (engine.decode)
     precision: str = "f32"  # engine.runtime.PRECISIONS
 
@@ -251,8 +251,8 @@ class RunPlan:
             raise RunError("--metrics-sample needs --metrics")
         if o.metrics_sample is not None and o.metrics_sample < 1:
             raise RunError("--metrics-sample must be at least 1")
-        if o.stats_every < 1:
-            raise RunError("--stats-every must be at least 1")
+        if o.stats_every < 0:
+            raise RunError("--stats-every must be 0 (no statistics) or more")
         if o.streams is not None and o.streams < 1:
             raise RunError("--streams must be at least 1")
         methods = _methods(spec, o.cam_methods)
@@ -307,7 +307,7 @@ class RunPlan:
         """The opt-in settings, only when asked: runs without them keep their earlier
         fingerprint and settings."""
         return {
-            **({"stats_every": self.stats_every} if self.stats_every > 1 else {}),
+            **({"stats_every": self.stats_every} if self.stats_every != 1 else {}),
             **({"fast_decode": True} if self.fast_decode else {}),
             **({"precision": self.precision} if self.precision != "f32" else {}),
             **(

@@ -38,9 +38,10 @@ from .results import atomic_save_npz
 
 def in_stats_sample(image_id: str, every: int) -> bool:
     """Whether ``--stats-every every`` counts this image:
-    ``int(sha1("stats:" + id)[:8], 16) % every == 0`` (every image when ``every`` is 1)."""
+    ``int(sha1("stats:" + id)[:8], 16) % every == 0`` (every image when ``every`` is 1,
+    none when it is 0)."""
     if every <= 1:
-        return True
+        return every == 1
     digest = hashlib.sha1(f"stats:{image_id}".encode()).hexdigest()
     return int(digest[:8], 16) % every == 0
 

@@ -112,6 +112,27 @@ def test_grid_options_reach_the_report(tmp_path: Path) -> None:
     assert all("the first 2 images, then at most 1 more" in p for p in left_out)
 
 
+def test_a_run_without_statistics_says_so(tmp_path: Path) -> None:
+    """--stats-every 0: the model page says the run took no statistics and shows no dead
+    channel counts; the image pages show no "Run statistics" line (no "no dead
+    channels" where none were counted)."""
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(main, ["demo", "-o", str(out), "-q", "--stats-every", "0"])
+    assert r.exit_code == 0, r.output
+    model = (out / "model.html").read_text()
+    assert "This run took no activation statistics" in model
+    assert " / 16</td>" not in model  # conv1's dead count
+    pages = [p.read_text() for p in (out / "images").glob("*.html")]
+    assert len(pages) == 15 and not any("Run statistics" in p for p in pages)
+    assert any("Run statistics" in p for p in _demo_pages(tmp_path / "full"))
+
+
+def _demo_pages(out: Path) -> list[str]:
+    r = CliRunner().invoke(main, ["demo", "-o", str(out), "-q", "--grid-sample", "1"])
+    assert r.exit_code == 0, r.output
+    return [p.read_text() for p in (out / "images").glob("*.html")]
+
+
 def test_report_on_a_non_run_dir(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert r.exit_code == 2

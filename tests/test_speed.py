@@ -77,7 +77,34 @@ def test_stats_every_is_numpy_over_the_sampled_images(
     run(model, [str(p) for p in paths], resumed, opts, progress=False)
     assert json.loads((resumed / "stats.json").read_text()) == stats
     with pytest.raises(Exception, match="stats-every"):
-        run(model, [str(photos)], tmp_path / "x", RunOptions(stats_every=0), progress=False)
+        run(model, [str(photos)], tmp_path / "x", RunOptions(stats_every=-1), progress=False)
+
+
+def test_stats_every_0_takes_no_statistics(demo_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """--stats-every 0: the main session has no statistics outputs, stats.json is empty,
+    the records and maps are the full run's, and the OUTDIR remembers the setting."""
+    from convlens.engine.infer import Inference, main_outputs
+    from convlens.engine.plan import RunPlan
+
+    model, photos = demo_model
+    plan = RunPlan.build(model, RunOptions(device="cpu", stats_every=0))
+    assert not [n for n in main_outputs(plan) if n.startswith("stats/")]
+    session = Inference(plan, tmp_path, []).session
+    assert not [n for n in session.output_names if n.startswith("stats/")]
+    runs = {}
+    for every in (0, 1):
+        out = runs[every] = tmp_path / f"e{every}"
+        opts = RunOptions(device="cpu", batch_size=4, stats_every=every, save_maps=True)
+        assert run(model, [str(photos)], out, opts, progress=False).ok == 15
+    assert json.loads((runs[0] / "stats.json").read_text()) == {}
+    assert json.loads((runs[1] / "stats.json").read_text()) != {}
+    assert (runs[0] / "results.jsonl").read_bytes() == (runs[1] / "results.jsonl").read_bytes()
+    for rec in read_results(runs[0]).records:
+        with np.load(runs[0] / str(rec.maps)) as a, np.load(runs[1] / str(rec.maps)) as b:
+            for k in a.files:
+                np.testing.assert_array_equal(a[k], b[k])
+    with pytest.raises(Exception, match="stats_every"):  # not resumed with statistics
+        run(model, [str(photos)], runs[0], RunOptions(device="cpu", batch_size=4), progress=False)
 
 
 # ---- DCT-domain JPEG scaling -------------------------------------------------------------
