@@ -115,10 +115,10 @@ class RunOptions:
         default=1,
         metadata=_doc(
             "Activation statistics over one image in K, picked by a hash of its id (the "
-            "same images on every run and resume); 1: every image; 0: none (no "
-            "stats.json figures, the report without them). Cuts their cost about K "
-            "times; means and zero fractions become estimates, maxima lower bounds, and "
-            "a channel firing only on other images is called dead (README: Speed).",
+            "same images on every run and resume); 1: every image. Cuts their cost about "
+            "K times; means and zero fractions become estimates, maxima lower bounds, and "
+            "a channel firing only on other images is called dead. 0: no statistics at "
+            "all (stats.json empty, the report without them) (README: Speed).",
             min=0,
         ),
     )

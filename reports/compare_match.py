@@ -268,12 +268,17 @@ def class_cams(a: Side, b: Side, notes: list[str]) -> list[ClassCamDelta]:
 
 
 def layer_deltas(a: Side, b: Side, mismatches: list[str]) -> list[LayerDelta]:
+    """Per layer both runs have statistics for, how they differ; the others named in
+    ``mismatches`` (a layer one run took no statistics of is left out, not read as
+    having no dead channel: :attr:`LayerStats.measured`)."""
     by_b = {st.name: st for st in b.layers}
     out = []
     for st in a.layers:
         other = by_b.get(st.name)
         if other is None:
             mismatches.append(f"layer {st.name} is only in run A: not compared")
+        elif not (st.measured and other.measured):
+            continue  # the run without statistics is named once (mismatches_of)
         elif st.shape != other.shape:
             sa, sb = "×".join(map(str, st.shape)), "×".join(map(str, other.shape))
             mismatches.append(f"layer {st.name} is {sa} in run A, {sb} in run B: not compared")
@@ -319,8 +324,11 @@ def mismatches_of(a: Side, b: Side, m: Matching) -> list[str]:
                 f"run {label} has no saved maps (run it with --save-maps): "
                 "per-image CAM similarity not computed"
             )
-        if not side.layers:
-            out.append(f"run {label} has no activation statistics (stats.json)")
+        if not any(st.measured for st in side.layers):
+            out.append(
+                f"run {label} has no activation statistics (stats.json; --stats-every 0 "
+                "takes none): layers not compared"
+            )
     if m.only_a or m.only_b:
         out.append(
             f"{len(m.only_a)} inputs only in run A and {len(m.only_b)} only in run B "

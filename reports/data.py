@@ -103,6 +103,13 @@ class LayerStats:
     def dead_text(self) -> str:
         return compress_ranges(self.dead)
 
+    @property
+    def measured(self) -> bool:
+        """Whether stats.json has this layer's statistics (not ``--stats-every 0``, a
+        sample with no image, or a run not finished): without them ``dead`` is empty
+        because nothing was counted, not because every channel fired."""
+        return self.count is not None or self.mean is not None
+
 
 @dataclass
 class OutputRow:

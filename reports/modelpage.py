@@ -69,6 +69,21 @@ class ModelPage:
     class_cams: list[ClassCam]
     run_sections: list[tuple[str, list[tuple[str, str]]]]
     faithfulness: Faithfulness | None = None  # --metrics: the method table and curves
+    stats_note: str | None = None  # why no layer has statistics (stats_note), if none has
+
+
+def stats_note(layers: list[LayerStats], settings: dict[str, Any]) -> str | None:
+    """What the page says when no layer has statistics: a run that took none on purpose
+    (``--stats-every 0``), or a stats.json without them (the run not finished, or no
+    image in its sample)."""
+    if not layers or any(st.measured for st in layers):
+        return None
+    if settings.get("stats_every") == 0:
+        return "This run took no activation statistics (--stats-every 0)."
+    return (
+        "stats.json holds no activation statistics: the run has not finished, or no "
+        "image was in its sample (--stats-every)."
+    )
 
 
 def _num(v: Any) -> float | None:
@@ -231,6 +246,7 @@ def model_page(run: RunInfo, layers: list[LayerStats], class_cams: list[ClassCam
         class_cams=class_cams,
         run_sections=run_sections,
         faithfulness=run_faithfulness(run.summary, run.settings),
+        stats_note=stats_note(layers, run.settings),
     )
 
 

@@ -168,6 +168,28 @@ def test_mismatched_runs_compare_what_they_can(runs: Runs, tmp_path: Path) -> No
     assert "Not compared" in index and "layer conv1 is only in run A" in index
 
 
+def test_a_run_without_statistics_is_named_not_read_as_no_dead_channels(
+    runs: Runs, tmp_path: Path
+) -> None:
+    """A run with an empty stats.json (--stats-every 0) has no layer compared, either
+    way round, and is named once: its layers read from the spec are not 'no dead
+    channel', so nothing 'came alive' or 'died'."""
+    b = tmp_path / "b"
+    shutil.copytree(runs.b, b)
+    (b / "stats.json").write_text("{}")
+    assert any(json.loads((runs.a / "stats.json").read_text()).values())
+    for first, second, label in ((runs.a, b, "B"), (b, runs.a, "A")):
+        s = compare(first, second, tmp_path / f"x{label}")
+        assert s.layers == []
+        named = [m for m in s.mismatches if "no activation statistics" in m]
+        assert named == [
+            f"run {label} has no activation statistics (stats.json; "
+            "--stats-every 0 takes none): layers not compared"
+        ]
+    full = compare(runs.a, runs.b, tmp_path / "ab")
+    assert full.layers and not [m for m in full.mismatches if "statistics" in m]
+
+
 def test_damaged_files_are_named_not_fatal(runs: Runs, tmp_path: Path) -> None:
     b = tmp_path / "b"
     shutil.copytree(runs.b, b)

@@ -936,3 +936,20 @@ def test_a_run_from_before_the_notable_cap_was_recorded(tmp_path: Path) -> None:
     pages = [p.read_text() for p in (run.outdir / "images").glob("*.html")]
     left_out = [p for p in pages if "Activation grids were left out" in p]
     assert left_out and all("the first 1 images, then at most N more" in p for p in left_out)
+
+
+def test_the_model_page_says_why_no_layer_has_statistics() -> None:
+    """No layer measured: --stats-every 0 says the run took none; otherwise stats.json
+    is said to hold none (a run not finished, or a sample without an image); one
+    measured layer: no note."""
+    from convlens.reports.data import LayerStats
+    from convlens.reports.modelpage import stats_note
+
+    empty = LayerStats("conv1", [8, 8, 4], 4, None, None, None, [], None)
+    full = LayerStats("conv2", [4, 4, 8], 8, 0.5, 2.0, 0.1, [3], 12)
+    assert "took no activation statistics (--stats-every 0)" in str(
+        stats_note([empty], {"stats_every": 0})
+    )
+    assert "has not finished" in str(stats_note([empty], {"stats_every": 8}))
+    assert stats_note([empty, full], {"stats_every": 0}) is None and stats_note([], {}) is None
+    assert not empty.measured and full.measured

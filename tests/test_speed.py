@@ -87,6 +87,7 @@ def test_stats_every_0_takes_no_statistics(demo_model: tuple[Path, Path], tmp_pa
     from convlens.engine.plan import RunPlan
 
     model, photos = demo_model
+    assert not any(in_stats_sample(image_id(p), 0) for p in photos.rglob("*.jpg"))
     plan = RunPlan.build(model, RunOptions(device="cpu", stats_every=0))
     assert not [n for n in main_outputs(plan) if n.startswith("stats/")]
     session = Inference(plan, tmp_path, []).session
